@@ -1,0 +1,121 @@
+"""Checkpoint I/O: the one place that reads and writes ``.ckpt`` files.
+
+Writes are atomic (temporary file in the same folder, fsync, rename), so a reader never sees a
+half-written checkpoint, and a sidecar ``<file>.json`` carries metadata (preprocessing of converted
+weights, training state). Loads into a network are strict: a missing, extra or differently shaped
+tensor is one clear error naming it, never a silent partial load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+
+import mindspore as ms
+import numpy as np
+
+__all__ = [
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_metadata",
+    "check_compatible",
+    "load_into",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked (missing, unreadable, or for another model)."""
+
+
+def _atomic_write(path: str, write_fn) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(params: Mapping[str, object], path: str, metadata: Mapping | None = None) -> None:
+    """Write ``params`` (name -> Tensor/Parameter/ndarray) to ``path`` atomically.
+
+    The metadata sidecar is written first and the checkpoint last, so a checkpoint that exists is
+    always complete and has its metadata beside it.
+    """
+    entries = []
+    for name, value in params.items():
+        if isinstance(value, ms.Parameter):
+            value = value.value()
+        elif not isinstance(value, ms.Tensor):
+            value = ms.Tensor(np.asarray(value))
+        entries.append({"name": name, "data": value})
+    if metadata is not None:
+        text = json.dumps(dict(metadata), indent=1, sort_keys=True)
+        _atomic_write(path + ".json", lambda tmp: open(tmp, "w").write(text))
+    # MindSpore appends ".ckpt" to names without it; the temporary name must keep the real one.
+    _atomic_write(path, lambda tmp: _save_exact(entries, tmp))
+
+
+def _save_exact(entries: list, tmp: str) -> None:
+    target = tmp + ".ckpt"
+    ms.save_checkpoint(entries, target)
+    os.replace(target, tmp)
+
+
+def load_checkpoint(path: str) -> dict[str, np.ndarray]:
+    """Read a checkpoint into name -> numpy array; one clear error if it is missing or unreadable."""
+    if not path:
+        raise CheckpointError("no checkpoint given: set --checkpoint_path (or --pretrained / --resume)")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        params = ms.load_checkpoint(path)
+    except Exception as exc:  # MindSpore raises ValueError/RuntimeError with multi-line text
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    return {k: v.asnumpy() for k, v in params.items()}
+
+
+def read_metadata(path: str) -> dict:
+    """Metadata sidecar of a checkpoint, or {} when there is none."""
+    meta = path + ".json"
+    if not os.path.isfile(meta):
+        return {}
+    with open(meta) as f:
+        return json.load(f)
+
+
+def check_compatible(params: Mapping[str, np.ndarray], net: ms.nn.Cell, source: str,
+                     ignore_prefixes: tuple[str, ...] = ()) -> None:
+    """Raise one CheckpointError naming the first tensor that is missing, unexpected or of another
+    shape. ``ignore_prefixes`` lists checkpoint names that are not model weights (optimizer state)."""
+    expected = {p.name: tuple(p.shape) for p in net.get_parameters()}
+    model_keys = [k for k in params if not k.startswith(ignore_prefixes)]
+    for name, shape in expected.items():
+        if name not in params:
+            raise CheckpointError(f"{source}: tensor '{name}' of the model is missing from the checkpoint "
+                                  "(is it a checkpoint of another variant?)")
+        got = tuple(np.shape(params[name]))
+        if got != shape:
+            raise CheckpointError(f"{source}: tensor '{name}' has shape {got} in the checkpoint but {shape} "
+                                  "in the model (another variant, num_classes or image size?)")
+    for name in model_keys:
+        if name not in expected:
+            raise CheckpointError(f"{source}: checkpoint tensor '{name}' does not exist in the model "
+                                  "(is it a checkpoint of another variant?)")
+
+
+def load_into(net: ms.nn.Cell, params: Mapping[str, np.ndarray], source: str = "checkpoint",
+              ignore_prefixes: tuple[str, ...] = ()) -> None:
+    """Strictly copy ``params`` into ``net`` (every model tensor, same shapes, nothing extra)."""
+    check_compatible(params, net, source, ignore_prefixes)
+    for p in net.get_parameters():
+        p.set_data(ms.Tensor(np.asarray(params[p.name], dtype=ms.dtype_to_nptype(p.dtype))))

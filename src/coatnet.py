@@ -1,0 +1,661 @@
+"""CoAtNet: Marrying Convolution and Attention for All Data Sizes (Dai et al., 2021).
+
+Paper: https://arxiv.org/abs/2106.04803
+
+Layout C-C-T-T (paper Table 3): a two-conv stem S0, two MBConv stages S1/S2 and two Transformer
+stages S3/S4 with 2-D relative attention, then global pooling and a classifier head. Variants are
+data (``MODEL_CFGS``); parameter names follow timm's ``maxxvit.py`` so timm weights convert 1:1
+(see ``src/convert_timm.py``). This module knows nothing of datasets, config files or devices.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common import initializer as init
+
+__all__ = [
+    "CoAtNet",
+    "ConvCfg",
+    "TransformerCfg",
+    "CoAtNetCfg",
+    "MODEL_CFGS",
+    "create_model",
+    "list_models",
+    "rel_pos_index",
+    "resize_rel_pos_bias_table",
+    "resize_rel_pos_tables",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Variants as data
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConvCfg:
+    """MBConv block settings (paper Sec. 2.1 / Appendix A.1)."""
+
+    expand_ratio: float = 4.0
+    expand_output: bool = True  # mid channels from output (paper) or input (timm 'rw') width
+    stride_mode: str = "dw"  # downsample in the depthwise conv ('dw') or by a 2x2 avg pool ('pool')
+    pre_norm_act: bool = False  # activation after the pre-norm ('rw' variants)
+    output_bias: bool = True  # bias on the shortcut and final 1x1 projection
+    se_early: bool = False  # squeeze-excitation before norm2 instead of after it
+    se_ratio: float = 0.25
+    se_act: str = "silu"
+    act: str = "gelu"
+    norm_eps: float = 1e-5
+
+
+@dataclass(frozen=True)
+class TransformerCfg:
+    """Transformer block settings (paper Sec. 2.2: relative attention, MLP ratio 4, head dim 32)."""
+
+    dim_head: int = 32
+    expand_ratio: float = 4.0
+    expand_first: bool = True  # channel expansion in qkv (paper) or in the output projection ('rw')
+    shortcut_bias: bool = True
+    norm: str = "layernorm"  # 'layernorm' | 'batchnorm'
+    norm_eps: float = 1e-6
+    init_values: float | None = None  # LayerScale init; None disables LayerScale
+    act: str = "gelu"
+
+
+@dataclass(frozen=True)
+class CoAtNetCfg:
+    embed_dim: tuple[int, int, int, int]
+    depths: tuple[int, int, int, int]
+    stem_width: tuple[int, int]
+    head_hidden_size: int | None = None  # paper head: pool-LN-Dense-Tanh-Dense; None: LN-pool-Dense
+    conv: ConvCfg = field(default_factory=ConvCfg)
+    transformer: TransformerCfg = field(default_factory=TransformerCfg)
+    block_types: tuple[str, str, str, str] = ("C", "C", "T", "T")
+
+
+def _rw_coat(stride_mode="pool", se_early=False, se_act="relu", shortcut_bias=True, norm="layernorm",
+             init_values=None) -> dict:
+    # timm's 'rw' CoAtNets (trained before the official code was public): activation after the
+    # pre-norm, expansion from the input width, no bias on shortcut/projection, SiLU, ReLU SE,
+    # expansion in the attention output projection.
+    return dict(
+        conv=ConvCfg(expand_output=False, stride_mode=stride_mode, pre_norm_act=True, output_bias=False,
+                     se_early=se_early, se_act=se_act, act="silu"),
+        transformer=TransformerCfg(expand_first=False, shortcut_bias=shortcut_bias, norm=norm,
+                                   init_values=init_values),
+    )
+
+
+def _rw_max(stride_mode="dw") -> dict:
+    return dict(
+        conv=ConvCfg(expand_output=False, stride_mode=stride_mode, output_bias=True, act="silu"),
+        transformer=TransformerCfg(expand_first=False),
+    )
+
+
+#: Paper Table 3 (coatnet_0 ... coatnet_4) and timm's variants with published ImageNet weights.
+#: name: (embed_dim S1-S4, depths S1-S4, stem widths S0, head hidden size, block settings)
+MODEL_CFGS: dict[str, CoAtNetCfg] = {
+    # ---- paper ----------------------------------------------------------------------------------
+    "coatnet_0": CoAtNetCfg((96, 192, 384, 768), (2, 3, 5, 2), (64, 64), 768),
+    "coatnet_1": CoAtNetCfg((96, 192, 384, 768), (2, 6, 14, 2), (64, 64), 768),
+    "coatnet_2": CoAtNetCfg((128, 256, 512, 1024), (2, 6, 14, 2), (128, 128), 1024),
+    "coatnet_3": CoAtNetCfg((192, 384, 768, 1536), (2, 6, 14, 2), (192, 192), 1536),
+    "coatnet_4": CoAtNetCfg((192, 384, 768, 1536), (2, 12, 28, 2), (192, 192), 1536),
+    # ---- timm 'rw' variants (same structure as timm's *_224 names) ------------------------------
+    "coatnet_nano_rw": CoAtNetCfg((64, 128, 256, 512), (3, 4, 6, 3), (32, 64), None, **_rw_max("pool")),
+    "coatnet_0_rw": CoAtNetCfg((96, 192, 384, 768), (2, 3, 7, 2), (32, 64), None,
+                               **_rw_coat(se_early=True, shortcut_bias=False)),
+    "coatnet_1_rw": CoAtNetCfg((96, 192, 384, 768), (2, 6, 14, 2), (32, 64), None,
+                               **_rw_coat("dw", se_early=True, shortcut_bias=False)),
+    "coatnet_2_rw": CoAtNetCfg((128, 256, 512, 1024), (2, 6, 14, 2), (64, 128), None,
+                               **_rw_coat("dw", se_act="silu")),
+    "coatnet_3_rw": CoAtNetCfg((192, 384, 768, 1536), (2, 6, 14, 2), (96, 192), None,
+                               **_rw_coat("dw", se_act="silu", init_values=1e-6)),
+    "coatnet_bn_0_rw": CoAtNetCfg((96, 192, 384, 768), (2, 3, 7, 2), (32, 64), None,
+                                  **_rw_coat("dw", se_early=True, shortcut_bias=False, norm="batchnorm")),
+    # ---- tests and the CPU demo: every stage type, runs at 32x32 ----------------------------------
+    "coatnet_tiny": CoAtNetCfg((32, 48, 64, 128), (1, 1, 2, 1), (16, 32), 128),
+}
+
+#: timm model name for each of ours (weights convert between the two).
+TIMM_NAMES = {name: f"{name}_224" for name in MODEL_CFGS if name != "coatnet_tiny"}
+
+
+def list_models() -> list[str]:
+    return sorted(MODEL_CFGS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------------
+def make_divisible(v: float, divisor: int = 8) -> int:
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new_v + divisor if new_v < 0.9 * v else new_v
+
+
+class GELU(nn.Cell):
+    """GELU; exact (erf) by default, ``use_erf=False`` switches to an erf-free formulation.
+
+    ONNX export of MindSpore 2.10 has no converter for Erf; the alternative evaluates erf with
+    Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), so exported graphs match to ~1e-7.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.use_erf = True
+
+    def construct(self, x):
+        if self.use_erf:
+            return ops.gelu(x, approximate="none")
+        z = ops.abs(x) * 0.7071067811865476
+        t = 1.0 / (1.0 + 0.3275911 * z)
+        poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+        erf_abs = 1.0 - poly * ops.exp(-z * z)
+        erf = ops.sign(x) * erf_abs
+        return 0.5 * x * (1.0 + erf)
+
+
+def _act(name: str) -> nn.Cell:
+    if name == "gelu":
+        return GELU()
+    if name == "silu":
+        return nn.SiLU()
+    if name == "relu":
+        return nn.ReLU()
+    if name == "tanh":
+        return nn.Tanh()
+    raise ValueError(f"unknown activation '{name}'")
+
+
+class LayerNorm2d(nn.Cell):
+    """LayerNorm over the channel axis of an NCHW tensor, computed in float32.
+
+    Normalising over axis 1 directly avoids two NCHW<->NHWC transposes per call; float32 keeps the
+    statistics safe under float16 mixed precision.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.gamma = Parameter(init.initializer("ones", (num_channels,), ms.float32), name="gamma")
+        self.beta = Parameter(init.initializer("zeros", (num_channels,), ms.float32), name="beta")
+
+    def construct(self, x):
+        dtype = x.dtype
+        x = x.astype(ms.float32)
+        mean = x.mean(axis=1, keep_dims=True)
+        xc = x - mean
+        var = (xc * xc).mean(axis=1, keep_dims=True)
+        y = xc * ops.rsqrt(var + self.eps)
+        y = y * self.gamma.reshape(1, -1, 1, 1) + self.beta.reshape(1, -1, 1, 1)
+        return y.astype(dtype)
+
+
+def _norm2d(kind: str, channels: int, eps: float) -> nn.Cell:
+    if kind == "layernorm":
+        return LayerNorm2d(channels, eps)
+    if kind == "batchnorm":
+        return nn.BatchNorm2d(channels, eps=eps, momentum=0.9)
+    raise ValueError(f"unknown norm '{kind}'")
+
+
+class BatchNormAct2d(nn.Cell):
+    """BatchNorm2d followed by an optional activation (names match timm's BatchNormAct2d)."""
+
+    def __init__(self, channels: int, act: str | None, eps: float = 1e-5):
+        super().__init__()
+        # MindSpore momentum is the weight of the old statistic: 0.9 == PyTorch's 0.1.
+        self.bn = nn.BatchNorm2d(channels, eps=eps, momentum=0.9)
+        self.act = _act(act) if act else None
+
+    def construct(self, x):
+        x = self.bn(x)
+        if self.act is not None:
+            x = self.act(x)
+        return x
+
+
+def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, bias: bool = True) -> nn.Conv2d:
+    # Symmetric padding (k - 1) // 2 as timm's create_conv2d(padding='') for odd k.
+    pad = ((stride - 1) + (k - 1)) // 2
+    return nn.Conv2d(cin, cout, k, stride=stride, pad_mode="pad" if pad else "valid", padding=pad,
+                     group=groups, has_bias=bias)
+
+
+class DropPath(nn.Cell):
+    """Stochastic depth (Huang et al. 2016): drop the residual branch per sample while training."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.keep_prob = 1.0 - drop_prob
+
+    def construct(self, x):
+        if not self.training or self.keep_prob >= 1.0:
+            return x
+        mask = ops.floor(self.keep_prob + ops.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype))
+        return x / self.keep_prob * mask
+
+
+class Downsample2d(nn.Cell):
+    """2x2 average pool (stride 2), then a 1x1 conv when the width changes (paper Eq. 5 shortcut)."""
+
+    def __init__(self, dim: int, dim_out: int, bias: bool = True):
+        super().__init__()
+        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+        self.expand = nn.Conv2d(dim, dim_out, 1, has_bias=bias) if dim != dim_out else None
+
+    def construct(self, x):
+        x = self.pool(x)
+        if self.expand is not None:
+            x = self.expand(x)
+        return x
+
+
+class SqueezeExcite(nn.Cell):
+    def __init__(self, channels: int, rd_channels: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, rd_channels, 1, has_bias=True)
+        self.act = _act(act)
+        self.fc2 = nn.Conv2d(rd_channels, channels, 1, has_bias=True)
+
+    def construct(self, x):
+        s = x.mean(axis=(2, 3), keep_dims=True)
+        s = self.fc2(self.act(self.fc1(s)))
+        return x * ops.sigmoid(s)
+
+
+class MBConvBlock(nn.Cell):
+    """Pre-norm inverted bottleneck: BN - 1x1 expand - 3x3 depthwise - SE - 1x1 project (Sec. 2.1)."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int, cfg: ConvCfg, drop_path: float):
+        super().__init__()
+        mid_chs = make_divisible((out_chs if cfg.expand_output else in_chs) * cfg.expand_ratio)
+        self.shortcut = Downsample2d(in_chs, out_chs, bias=cfg.output_bias) if stride == 2 else None
+        pool_stride = stride if cfg.stride_mode == "pool" else 1
+        dw_stride = stride if cfg.stride_mode == "dw" else 1
+        self.pre_norm = BatchNormAct2d(in_chs, cfg.act if cfg.pre_norm_act else None, cfg.norm_eps)
+        self.down = nn.AvgPool2d(kernel_size=2, stride=2) if pool_stride > 1 else None
+        self.conv1_1x1 = _conv(in_chs, mid_chs, 1, bias=False)
+        self.norm1 = BatchNormAct2d(mid_chs, cfg.act, cfg.norm_eps)
+        self.conv2_kxk = _conv(mid_chs, mid_chs, 3, stride=dw_stride, groups=mid_chs, bias=False)
+        rd = int(cfg.se_ratio * (out_chs if cfg.expand_output else mid_chs))
+        se = SqueezeExcite(mid_chs, rd, cfg.se_act)
+        self.se_early = se if cfg.se_early else None
+        self.norm2 = BatchNormAct2d(mid_chs, cfg.act, cfg.norm_eps)
+        self.se = None if cfg.se_early else se
+        self.conv3_1x1 = _conv(mid_chs, out_chs, 1, bias=cfg.output_bias)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else None
+
+    def construct(self, x):
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        x = self.pre_norm(x)
+        if self.down is not None:
+            x = self.down(x)
+        x = self.norm1(self.conv1_1x1(x))
+        x = self.conv2_kxk(x)
+        if self.se_early is not None:
+            x = self.se_early(x)
+        x = self.norm2(x)
+        if self.se is not None:
+            x = self.se(x)
+        x = self.conv3_1x1(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        return x + shortcut
+
+
+def rel_pos_index(window: tuple[int, int]) -> np.ndarray:
+    """Index into the (2H-1)(2W-1) bias table for every (query, key) pair of an H x W grid."""
+    h, w = window
+    coords = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij")).reshape(2, -1)
+    rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0)
+    rel[:, :, 0] += h - 1
+    rel[:, :, 1] += w - 1
+    return (rel[:, :, 0] * (2 * w - 1) + rel[:, :, 1]).astype(np.int32)
+
+
+class RelPosBias(nn.Cell):
+    """Per-head relative position bias (paper Eq. 3): a learned (2H-1)(2W-1) x heads table,
+    gathered once per forward by a constant index into an (heads, HW, HW) bias."""
+
+    def __init__(self, window: tuple[int, int], num_heads: int):
+        super().__init__()
+        self.window = tuple(window)
+        self.num_heads = num_heads
+        n = (2 * window[0] - 1) * (2 * window[1] - 1)
+        self.relative_position_bias_table = Parameter(
+            init.initializer(init.TruncatedNormal(0.02), (n, num_heads), ms.float32),
+            name="relative_position_bias_table")
+        area = window[0] * window[1]
+        self.index = Tensor(rel_pos_index(window).reshape(-1), ms.int32)
+        self.bias_shape = (area, area, num_heads)
+
+    def construct(self):
+        bias = ops.gather(self.relative_position_bias_table, self.index, 0)
+        return bias.reshape(self.bias_shape).transpose(2, 0, 1).expand_dims(0)
+
+
+class Attention2d(nn.Cell):
+    """Multi-head relative self-attention over the H*W positions of an NCHW map (Sec. 2.2)."""
+
+    def __init__(self, dim: int, dim_out: int, window: tuple[int, int], cfg: TransformerCfg):
+        super().__init__()
+        dim_attn = dim_out if cfg.expand_first else dim
+        self.num_heads = dim_attn // cfg.dim_head
+        self.dim_head = cfg.dim_head
+        self.scale = cfg.dim_head ** -0.5
+        self.qkv = nn.Conv2d(dim, dim_attn * 3, 1, has_bias=True)
+        self.rel_pos = RelPosBias(window, self.num_heads)
+        self.proj = nn.Conv2d(dim_attn, dim_out, 1, has_bias=True)
+
+    def construct(self, x):
+        b, _, h, w = x.shape
+        # Channel layout of qkv is head-major: (head, [q|k|v], dim_head), as timm's head_first.
+        qkv = self.qkv(x).reshape(b, self.num_heads, self.dim_head * 3, h * w)
+        q, k, v = ops.split(qkv, self.dim_head, axis=2)
+        attn = ops.matmul((q * self.scale).swapaxes(-2, -1), k)  # B, heads, N, N
+        # Softmax and the bias add in float32: safe under float16 mixed precision.
+        attn = attn.astype(ms.float32) + self.rel_pos()
+        attn = ops.softmax(attn, axis=-1).astype(v.dtype)
+        out = ops.matmul(v, attn.swapaxes(-2, -1)).reshape(b, -1, h, w)
+        return self.proj(out)
+
+
+class LayerScale2d(nn.Cell):
+    def __init__(self, dim: int, init_values: float):
+        super().__init__()
+        self.gamma = Parameter(Tensor(np.full((dim,), init_values, np.float32)), name="gamma")
+
+    def construct(self, x):
+        return x * self.gamma.reshape(1, -1, 1, 1).astype(x.dtype)
+
+
+class ConvMlp(nn.Cell):
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden, 1, has_bias=True)
+        self.act = _act(act)
+        self.fc2 = nn.Conv2d(hidden, dim, 1, has_bias=True)
+
+    def construct(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PreNormDown(nn.Cell):
+    """Norm then 2x2 pool: the pre-norm of a downsampling transformer block (paper Eq. 5)."""
+
+    def __init__(self, norm: nn.Cell, dim: int):
+        super().__init__()
+        self.norm = norm
+        self.down = Downsample2d(dim, dim)
+
+    def construct(self, x):
+        return self.down(self.norm(x))
+
+
+class TransformerBlock2d(nn.Cell):
+    """Pre-norm relative-attention block + MLP, NCHW layout (no token reshapes between blocks)."""
+
+    def __init__(self, dim: int, dim_out: int, stride: int, window: tuple[int, int], cfg: TransformerCfg,
+                 drop_path: float):
+        super().__init__()
+        if stride == 2:
+            self.shortcut = Downsample2d(dim, dim_out, bias=cfg.shortcut_bias)
+            self.norm1 = PreNormDown(_norm2d(cfg.norm, dim, cfg.norm_eps), dim)
+        else:
+            if dim != dim_out:
+                raise ValueError(f"a stride-1 transformer block needs dim == dim_out, got {dim} -> {dim_out}")
+            self.shortcut = None
+            self.norm1 = _norm2d(cfg.norm, dim, cfg.norm_eps)
+        self.attn = Attention2d(dim, dim_out, window, cfg)
+        self.ls1 = LayerScale2d(dim_out, cfg.init_values) if cfg.init_values else None
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else None
+        self.norm2 = _norm2d(cfg.norm, dim_out, cfg.norm_eps)
+        self.mlp = ConvMlp(dim_out, int(dim_out * cfg.expand_ratio), cfg.act)
+        self.ls2 = LayerScale2d(dim_out, cfg.init_values) if cfg.init_values else None
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else None
+
+    def construct(self, x):
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        y = self.attn(self.norm1(x))
+        if self.ls1 is not None:
+            y = self.ls1(y)
+        if self.drop_path1 is not None:
+            y = self.drop_path1(y)
+        x = shortcut + y
+        y = self.mlp(self.norm2(x))
+        if self.ls2 is not None:
+            y = self.ls2(y)
+        if self.drop_path2 is not None:
+            y = self.drop_path2(y)
+        return x + y
+
+
+class Stem(nn.Cell):
+    """S0: 3x3 conv stride 2 - BN - act - 3x3 conv (paper Table 3)."""
+
+    def __init__(self, in_chs: int, widths: tuple[int, int], cfg: ConvCfg):
+        super().__init__()
+        self.conv1 = _conv(in_chs, widths[0], 3, stride=2, bias=False)
+        self.norm1 = BatchNormAct2d(widths[0], cfg.act, cfg.norm_eps)
+        self.conv2 = _conv(widths[0], widths[1], 3, bias=False)
+
+    def construct(self, x):
+        return self.conv2(self.norm1(self.conv1(x)))
+
+
+class Stage(nn.Cell):
+    def __init__(self, blocks: list[nn.Cell]):
+        super().__init__()
+        self.blocks = nn.SequentialCell(blocks)
+
+    def construct(self, x):
+        return self.blocks(x)
+
+
+class NormMlpHead(nn.Cell):
+    """Paper head: global average pool - LayerNorm - Dense - Tanh - dropout - Dense."""
+
+    def __init__(self, dim: int, hidden: int, num_classes: int, drop_rate: float, norm: nn.Cell):
+        super().__init__()
+        self.norm = norm
+        self.pre_logits = PreLogits(dim, hidden)
+        self.drop = nn.Dropout(p=drop_rate) if drop_rate > 0 else None
+        self.fc = nn.Dense(hidden, num_classes)
+
+    def construct(self, x):
+        x = self.norm(x.mean(axis=(2, 3), keep_dims=True)).reshape(x.shape[0], -1)
+        x = self.pre_logits(x)
+        if self.drop is not None:
+            x = self.drop(x)
+        return self.fc(x)
+
+
+class PreLogits(nn.Cell):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc = nn.Dense(dim, hidden)
+        self.act = nn.Tanh()
+
+    def construct(self, x):
+        return self.act(self.fc(x))
+
+
+class ClassifierHead(nn.Cell):
+    """timm 'rw' head: global average pool - dropout - Dense (the final norm sits before it)."""
+
+    def __init__(self, dim: int, num_classes: int, drop_rate: float):
+        super().__init__()
+        self.drop = nn.Dropout(p=drop_rate) if drop_rate > 0 else None
+        self.fc = nn.Dense(dim, num_classes)
+
+    def construct(self, x):
+        x = x.mean(axis=(2, 3))
+        if self.drop is not None:
+            x = self.drop(x)
+        return self.fc(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------
+def _to_2tuple(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, (int, np.integer)) else (int(v[0]), int(v[1]))
+
+
+class CoAtNet(nn.Cell):
+    def __init__(self, cfg: CoAtNetCfg, num_classes: int = 1000, image_size=224, in_chans: int = 3,
+                 drop_path_rate: float = 0.0, drop_rate: float = 0.0):
+        super().__init__()
+        image_size = _to_2tuple(image_size)
+        if image_size[0] % 32 or image_size[1] % 32:
+            raise ValueError(f"image_size must be divisible by 32, got {image_size[0]}x{image_size[1]}")
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.image_size = image_size
+        self.stem = Stem(in_chans, cfg.stem_width, cfg.conv)
+        # Stochastic depth grows linearly with depth (paper Appendix A.2), constant within a stage.
+        total = sum(cfg.depths)
+        rates = np.linspace(0.0, drop_path_rate, total).tolist() if total > 1 else [drop_path_rate]
+        stages, in_chs, feat, start = [], cfg.stem_width[1], (image_size[0] // 2, image_size[1] // 2), 0
+        for i, (depth, out_chs, kind) in enumerate(zip(cfg.depths, cfg.embed_dim, cfg.block_types)):
+            feat = ((feat[0] - 1) // 2 + 1, (feat[1] - 1) // 2 + 1)
+            blocks = []
+            for j in range(depth):
+                stride = 2 if j == 0 else 1
+                dp = rates[start + j]
+                if kind == "C":
+                    blocks.append(MBConvBlock(in_chs, out_chs, stride, cfg.conv, dp))
+                elif kind == "T":
+                    blocks.append(TransformerBlock2d(in_chs, out_chs, stride, feat, cfg.transformer, dp))
+                else:
+                    raise ValueError(f"stage {i}: unknown block type '{kind}'")
+                in_chs = out_chs
+            start += depth
+            stages.append(Stage(blocks))
+        self.stages = nn.CellList(stages)
+        self.num_features = in_chs
+        t = cfg.transformer
+        if cfg.head_hidden_size:
+            self.norm = None
+            self.head = NormMlpHead(in_chs, cfg.head_hidden_size, num_classes, drop_rate,
+                                    _norm2d(t.norm, in_chs, t.norm_eps))
+        else:
+            self.norm = _norm2d(t.norm, in_chs, t.norm_eps)
+            self.head = ClassifierHead(in_chs, num_classes, drop_rate)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # Conv stages as EfficientNet (normal, fan-out), transformer/head as ViT (xavier uniform);
+        # the same schemes timm uses ('vit_eff'), so training from scratch behaves alike.
+        for name, cell in self.cells_and_names():
+            in_transformer = ".blocks." in name and isinstance(self._block_of(name), TransformerBlock2d)
+            if isinstance(cell, nn.Conv2d):
+                if in_transformer:
+                    cell.weight.set_data(init.initializer(init.XavierUniform(), cell.weight.shape))
+                else:
+                    k = cell.kernel_size
+                    fan_out = k[0] * k[1] * cell.out_channels // cell.group
+                    cell.weight.set_data(init.initializer(init.Normal(math.sqrt(2.0 / fan_out)),
+                                                          cell.weight.shape))
+                if cell.has_bias:
+                    cell.bias.set_data(init.initializer("zeros", cell.bias.shape))
+            elif isinstance(cell, nn.Dense):
+                cell.weight.set_data(init.initializer(init.XavierUniform(), cell.weight.shape))
+                cell.bias.set_data(init.initializer("zeros", cell.bias.shape))
+
+    def _block_of(self, name: str):
+        parts = name.split(".")
+        if len(parts) < 4 or parts[0] != "stages":
+            return None
+        return self.stages[int(parts[1])].blocks[int(parts[3])]
+
+    def forward_features(self, x):
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x
+
+    def construct(self, x):
+        return self.head(self.forward_features(x))
+
+
+def create_model(name: str, num_classes: int = 1000, image_size=224, drop_path_rate: float = 0.0,
+                 **kw) -> CoAtNet:
+    """Build a CoAtNet variant by name (see ``list_models()``). ``kw`` goes to :class:`CoAtNet`
+    (``drop_rate``, ``in_chans``) or overrides fields of the variant's :class:`CoAtNetCfg`."""
+    if name not in MODEL_CFGS:
+        raise ValueError(f"unknown model '{name}'; available: {', '.join(list_models())}")
+    cfg = MODEL_CFGS[name]
+    cfg_fields = {k: kw.pop(k) for k in list(kw) if k in CoAtNetCfg.__dataclass_fields__}
+    if cfg_fields:
+        cfg = replace(cfg, **cfg_fields)
+    return CoAtNet(cfg, num_classes=num_classes, image_size=image_size, drop_path_rate=drop_path_rate, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# Relative-position tables at a new resolution
+# --------------------------------------------------------------------------------------------------
+def _cubic_weights(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) matrix of 1-D bicubic interpolation, a = -0.75, half-pixel centres, edge clamp
+    (the kernel of PyTorch's ``interpolate(mode='bicubic', align_corners=False)``)."""
+    a = -0.75
+
+    def k(t):
+        t = abs(t)
+        if t <= 1:
+            return ((a + 2) * t - (a + 3)) * t * t + 1
+        if t < 2:
+            return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+        return 0.0
+
+    m = np.zeros((out_size, in_size), np.float64)
+    scale = in_size / out_size
+    for i in range(out_size):
+        src = (i + 0.5) * scale - 0.5
+        x0 = math.floor(src)
+        t = src - x0
+        for off in (-1, 0, 1, 2):
+            m[i, min(max(x0 + off, 0), in_size - 1)] += k(off - t)
+    return m
+
+
+def resize_rel_pos_bias_table(table: np.ndarray, new_window: tuple[int, int],
+                              old_window: tuple[int, int] | None = None) -> np.ndarray:
+    """Resize a ((2H-1)(2W-1), heads) bias table to a new window by bicubic interpolation on the
+    (2H-1) x (2W-1) grid of relative offsets (used to fine-tune 224 -> 384)."""
+    table = np.asarray(table, np.float32)
+    n, heads = table.shape
+    if old_window is None:
+        side = int(round(math.sqrt(n)))
+        if side * side != n:
+            raise ValueError(f"cannot infer the window of a bias table with {n} rows; pass old_window")
+        src = (side, side)
+    else:
+        src = (2 * old_window[0] - 1, 2 * old_window[1] - 1)
+    dst = (2 * new_window[0] - 1, 2 * new_window[1] - 1)
+    if src == dst:
+        return table
+    grid = table.reshape(src[0], src[1], heads).transpose(2, 0, 1)
+    wy, wx = _cubic_weights(src[0], dst[0]), _cubic_weights(src[1], dst[1])
+    out = np.einsum("ij,hjk,lk->hil", wy, grid.astype(np.float64), wx)
+    return out.transpose(1, 2, 0).reshape(-1, heads).astype(np.float32)
+
+
+def resize_rel_pos_tables(state: dict, net: CoAtNet) -> dict:
+    """Return ``state`` (name -> array-like) with every relative-position table resized to the
+    window of the matching layer in ``net`` (e.g. a 224 checkpoint for a 384 model)."""
+    windows = {name: cell.window for name, cell in net.cells_and_names() if isinstance(cell, RelPosBias)}
+    out = dict(state)
+    for key, value in state.items():
+        if key.endswith("relative_position_bias_table"):
+            owner = key[: -len(".relative_position_bias_table")]
+            if owner in windows:
+                arr = value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)
+                out[key] = resize_rel_pos_bias_table(arr, windows[owner])
+    return out

@@ -1,0 +1,165 @@
+"""Convert a timm CoAtNet checkpoint (``timm/models/maxxvit.py``) to a MindSpore checkpoint.
+
+    python -m src.convert_timm --model coatnet_0_rw_224 --src FILE(.safetensors|.pth|.bin) --dst OUT.ckpt
+
+Every timm tensor is mapped to one of our parameters (BatchNorm running statistics included); shapes
+are checked and nothing may stay unmapped in either direction, else one error names the first
+offending tensor and nothing is written. ``.safetensors`` is read without torch; ``.pth``/``.bin``
+need torch and load with ``weights_only=True``. The preprocessing timm trained the weights with is
+recorded beside the checkpoint (``OUT.ckpt.json``) so eval uses it unless told otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import sys
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import src  # noqa: F401  (CPU ISA default before mindspore loads)
+import numpy as np
+
+from src.checkpoint import CheckpointError, save_checkpoint
+from src.coatnet import MODEL_CFGS, create_model
+
+# timm's pretrained_cfg of each CoAtNet (mean, std, crop_pct, interpolation): weights must be
+# evaluated the way they were trained. tests/test_convert_timm.py checks these against timm.
+_TIMM_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+_IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+TIMM_PREPROCESS = {
+    name: {"image_mean": list(_TIMM_MEAN_STD[0]), "image_std": list(_TIMM_MEAN_STD[1]),
+           "crop_pct": 0.95, "interpolation": "bicubic"}
+    for name in MODEL_CFGS if name != "coatnet_tiny"
+}
+TIMM_PREPROCESS["coatnet_nano_rw"]["crop_pct"] = 0.9
+TIMM_PREPROCESS["coatnet_bn_0_rw"].update(image_mean=list(_IMAGENET_MEAN_STD[0]),
+                                          image_std=list(_IMAGENET_MEAN_STD[1]))
+
+_NORM_NAMES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean",
+               "running_var": "moving_variance"}
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64,
+                       "I32": np.int32, "U8": np.uint8}
+
+
+def our_name(timm_model: str) -> str:
+    """'coatnet_0_rw_224' -> 'coatnet_0_rw'; our own names pass through."""
+    name = timm_model.split(".")[0]
+    if name not in MODEL_CFGS and name.endswith(("_224", "_384")):
+        name = name[:-4]
+    if name not in MODEL_CFGS:
+        raise ValueError(f"unknown CoAtNet variant '{timm_model}'; known: {', '.join(sorted(MODEL_CFGS))}")
+    return name
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Minimal reader of the safetensors format (8-byte header length, JSON header, raw data)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 8:
+        raise ValueError(f"{path} is not a safetensors file (too short)")
+    (n,) = struct.unpack("<Q", raw[:8])
+    try:
+        header = json.loads(raw[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError(f"{path} is not a safetensors file (bad header)") from None
+    base = 8 + n
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        buf = raw[base + start:base + end]
+        if info["dtype"] == "BF16":
+            arr = (np.frombuffer(buf, np.uint16).astype(np.uint32) << 16).view(np.float32)
+        elif info["dtype"] in _SAFETENSORS_DTYPES:
+            arr = np.frombuffer(buf, _SAFETENSORS_DTYPES[info["dtype"]])
+        else:
+            raise ValueError(f"{path}: tensor '{key}' has unsupported dtype {info['dtype']}")
+        out[key] = arr.reshape(info["shape"]).copy()
+    return out
+
+
+def read_torch(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(f"reading {path} needs torch; convert it to .safetensors or install torch") from None
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in obj.items()}
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+    if not os.path.isfile(path):
+        raise ValueError(f"source checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        return read_safetensors(path)
+    if path.endswith((".pth", ".pt", ".bin", ".pth.tar")):
+        return read_torch(path)
+    raise ValueError(f"unsupported source format '{path}': expected .safetensors, .pth or .bin")
+
+
+def map_state_dict(state: dict[str, np.ndarray], target: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """Map timm names to ours. ``target`` is our name -> shape. Raises naming the first mismatch."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked") or key.endswith("relative_position_index"):
+            continue
+        prefix, _, leaf = key.rpartition(".")
+        candidates = [key]
+        if leaf in _NORM_NAMES:
+            candidates += [f"{prefix}.bn.{_NORM_NAMES[leaf]}", f"{prefix}.{_NORM_NAMES[leaf]}"]
+        name = next((c for c in candidates if c in target), None)
+        if name is None:
+            raise CheckpointError(f"timm tensor '{key}' {tuple(value.shape)} has no counterpart in the model "
+                                  "(checkpoint of another variant?)")
+        if tuple(value.shape) != target[name]:
+            raise CheckpointError(f"timm tensor '{key}' has shape {tuple(value.shape)} but the model's "
+                                  f"'{name}' has {target[name]} (checkpoint of another variant?)")
+        out[name] = np.asarray(value, np.float32)
+    missing = [n for n in target if n not in out]
+    if missing:
+        raise CheckpointError(f"model tensor '{missing[0]}' has no source in the timm checkpoint "
+                              f"({len(missing)} missing; checkpoint of another variant?)")
+    return out
+
+
+def convert(model: str, src_path: str, dst_path: str) -> dict[str, np.ndarray]:
+    """Convert and write; returns the converted arrays. Nothing is written on error."""
+    name = our_name(model)
+    state = read_state_dict(src_path)
+    head = state.get("head.fc.weight")
+    num_classes = int(head.shape[0]) if head is not None else 1000
+    net = create_model(name, num_classes=num_classes)
+    target = {p.name: tuple(p.shape) for p in net.get_parameters()}
+    params = map_state_dict(state, target)
+    meta = {"model_name": name, "num_classes": num_classes, "source": os.path.basename(src_path),
+            "converted_from": "timm", **TIMM_PREPROCESS.get(name, {})}
+    save_checkpoint(params, dst_path, metadata=meta)
+    return params
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="timm name (coatnet_0_rw_224) or ours (coatnet_0_rw)")
+    parser.add_argument("--src", required=True, help="timm weights: .safetensors, .pth or .bin")
+    parser.add_argument("--dst", required=True, help="MindSpore checkpoint to write (.ckpt)")
+    args = parser.parse_args(argv)
+    try:
+        params = convert(args.model, args.src, args.dst)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.dst}: {len(params)} tensors, "
+          f"{sum(int(np.prod(v.shape)) for v in params.values()):,} values (+ {args.dst}.json)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
