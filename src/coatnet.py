@@ -152,7 +152,8 @@ class GELU(nn.Cell):
             return ops.gelu(x, approximate="none")
         z = ops.abs(x) * 0.7071067811865476
         t = 1.0 / (1.0 + 0.3275911 * z)
-        poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+        poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741
+                                                           + t * (-1.453152027 + t * 1.061405429))))
         erf_abs = 1.0 - poly * ops.exp(-z * z)
         erf = ops.sign(x) * erf_abs
         return 0.5 * x * (1.0 + erf)
@@ -521,7 +522,8 @@ class CoAtNet(nn.Cell):
         total = sum(cfg.depths)
         rates = np.linspace(0.0, drop_path_rate, total).tolist() if total > 1 else [drop_path_rate]
         stages, in_chs, feat, start = [], cfg.stem_width[1], (image_size[0] // 2, image_size[1] // 2), 0
-        for i, (depth, out_chs, kind) in enumerate(zip(cfg.depths, cfg.embed_dim, cfg.block_types)):
+        stage_cfgs = zip(cfg.depths, cfg.embed_dim, cfg.block_types, strict=True)
+        for i, (depth, out_chs, kind) in enumerate(stage_cfgs):
             feat = ((feat[0] - 1) // 2 + 1, (feat[1] - 1) // 2 + 1)
             blocks = []
             for j in range(depth):

@@ -19,9 +19,9 @@ import sys
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import src  # noqa: F401  (CPU ISA default before mindspore loads)
 import numpy as np
 
+import src  # noqa: F401  (CPU ISA default before mindspore loads)
 from src.checkpoint import CheckpointError, save_checkpoint
 from src.coatnet import MODEL_CFGS, create_model
 
@@ -106,9 +106,10 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
 
 def map_state_dict(state: dict[str, np.ndarray], target: dict[str, tuple]) -> dict[str, np.ndarray]:
-    """Map timm names to ours. ``target`` is our name -> shape. Raises naming the first mismatch."""
-    out: dict[str, np.ndarray] = {}
-    for key, value in state.items():
+    """Map timm names to ours. ``target`` is our name -> shape, in model order. Raises naming the
+    first mismatch in model order (stem first), so the message points at where variants diverge."""
+    source: dict[str, str] = {}  # our name -> timm name
+    for key in state:
         if key.endswith("num_batches_tracked") or key.endswith("relative_position_index"):
             continue
         prefix, _, leaf = key.rpartition(".")
@@ -117,16 +118,19 @@ def map_state_dict(state: dict[str, np.ndarray], target: dict[str, tuple]) -> di
             candidates += [f"{prefix}.bn.{_NORM_NAMES[leaf]}", f"{prefix}.{_NORM_NAMES[leaf]}"]
         name = next((c for c in candidates if c in target), None)
         if name is None:
-            raise CheckpointError(f"timm tensor '{key}' {tuple(value.shape)} has no counterpart in the model "
+            raise CheckpointError(f"timm tensor '{key}' {tuple(state[key].shape)} has no counterpart in the "
+                                  "model (checkpoint of another variant?)")
+        source[name] = key
+    out: dict[str, np.ndarray] = {}
+    for name, shape in target.items():
+        if name not in source:
+            raise CheckpointError(f"model tensor '{name}' has no source in the timm checkpoint "
                                   "(checkpoint of another variant?)")
-        if tuple(value.shape) != target[name]:
-            raise CheckpointError(f"timm tensor '{key}' has shape {tuple(value.shape)} but the model's "
-                                  f"'{name}' has {target[name]} (checkpoint of another variant?)")
-        out[name] = np.asarray(value, np.float32)
-    missing = [n for n in target if n not in out]
-    if missing:
-        raise CheckpointError(f"model tensor '{missing[0]}' has no source in the timm checkpoint "
-                              f"({len(missing)} missing; checkpoint of another variant?)")
+        key = source[name]
+        if tuple(state[key].shape) != shape:
+            raise CheckpointError(f"timm tensor '{key}' has shape {tuple(state[key].shape)} but the model's "
+                                  f"'{name}' has {shape} (checkpoint of another variant?)")
+        out[name] = np.asarray(state[key], np.float32)
     return out
 
 

@@ -1,0 +1,1 @@
+"""ModelArts / OBS integration and rank identity from the launcher environment."""

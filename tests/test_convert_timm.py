@@ -1,0 +1,83 @@
+"""The timm converter: CLI, .pth input, recorded preprocessing, and clean failure."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+from timm_ref import save_safetensors, timm_model
+
+from src.checkpoint import load_checkpoint, read_metadata
+from src.convert_timm import TIMM_PREPROCESS, convert, read_safetensors
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "src.convert_timm", *args], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def test_cli_writes_a_checkpoint_with_bn_stats_and_preprocessing(tmp_path):
+    ref = timm_model("coatnet_nano_rw_224")
+    src = save_safetensors(ref, str(tmp_path / "nano.safetensors"))
+    dst = str(tmp_path / "nano.ckpt")
+    res = _cli("--model", "coatnet_nano_rw_224", "--src", src, "--dst", dst)
+    assert res.returncode == 0, res.stderr
+    params = load_checkpoint(dst)
+    np.testing.assert_array_equal(params["stem.norm1.bn.moving_variance"],
+                                  ref.state_dict()["stem.norm1.running_var"].numpy())
+    meta = read_metadata(dst)
+    assert meta["image_mean"] == [0.5, 0.5, 0.5] and meta["crop_pct"] == 0.9
+
+
+def test_safetensors_reader_needs_no_torch_and_matches(tmp_path):
+    ref = timm_model("coatnet_nano_rw_224")
+    src = save_safetensors(ref, str(tmp_path / "n.safetensors"))
+    code = ("import sys; sys.modules['torch'] = None; from src.convert_timm import read_safetensors; "
+            f"print(len(read_safetensors({src!r})))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert int(res.stdout.strip()) == len(ref.state_dict())
+    got = read_safetensors(src)
+    np.testing.assert_array_equal(got["head.fc.weight"], ref.state_dict()["head.fc.weight"].numpy())
+
+
+def test_pth_input_is_loaded_weights_only(tmp_path):
+    ref = timm_model("coatnet_nano_rw_224")
+    pth = str(tmp_path / "nano.pth")
+    torch.save({"state_dict": ref.state_dict()}, pth)
+    params = convert("coatnet_nano_rw_224", pth, str(tmp_path / "nano.ckpt"))
+    np.testing.assert_array_equal(params["head.fc.bias"], ref.state_dict()["head.fc.bias"].numpy())
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_PREPROCESS))
+def test_recorded_preprocessing_is_timms(name):
+    cfg = timm.models.get_pretrained_cfg(name + "_224") or timm.create_model(name + "_224").pretrained_cfg
+    cfg = cfg if isinstance(cfg, dict) else cfg.to_dict()
+    ours = TIMM_PREPROCESS[name]
+    assert tuple(ours["image_mean"]) == tuple(cfg["mean"]) and tuple(ours["image_std"]) == tuple(cfg["std"])
+    assert ours["crop_pct"] == cfg["crop_pct"] and ours["interpolation"] == cfg["interpolation"]
+
+
+def test_wrong_variant_names_the_first_mismatch_and_writes_nothing(tmp_path):
+    src = save_safetensors(timm_model("coatnet_nano_rw_224"), str(tmp_path / "nano.safetensors"))
+    dst = tmp_path / "out.ckpt"
+    res = _cli("--model", "coatnet_0_rw_224", "--src", src, "--dst", str(dst))
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: timm tensor 'stages.0.blocks.0.conv3_1x1.bias' (64,) has no counterpart")
+    assert "another variant" in lines[0]
+    assert os.listdir(tmp_path) == ["nano.safetensors"]
+
+
+def test_missing_source_and_unknown_model_are_clear(tmp_path):
+    res = _cli("--model", "coatnet_0_rw_224", "--src", str(tmp_path / "nope.safetensors"),
+               "--dst", str(tmp_path / "o.ckpt"))
+    assert res.returncode == 2 and "source checkpoint not found" in res.stderr
+    res = _cli("--model", "resnet50", "--src", "x", "--dst", str(tmp_path / "o.ckpt"))
+    assert res.returncode == 2 and "unknown CoAtNet variant 'resnet50'" in res.stderr
+    assert not (tmp_path / "o.ckpt").exists()
