@@ -22,6 +22,9 @@ __all__ = [
     "read_metadata",
     "check_compatible",
     "load_into",
+    "model_weights",
+    "EMA_PREFIX",
+    "TRAIN_STATE_PREFIXES",
 ]
 
 
@@ -119,3 +122,21 @@ def load_into(net: ms.nn.Cell, params: Mapping[str, np.ndarray], source: str = "
     check_compatible(params, net, source, ignore_prefixes)
     for p in net.get_parameters():
         p.set_data(ms.Tensor(np.asarray(params[p.name], dtype=ms.dtype_to_nptype(p.dtype))))
+
+
+# Layout of a training checkpoint: model weights under their plain names (loadable by any
+# MindSpore user without our code), the rest under prefixes.
+EMA_PREFIX = "ema."
+TRAIN_STATE_PREFIXES = (EMA_PREFIX, "adam_m.", "adam_v.", "state.")
+
+
+def model_weights(params: Mapping[str, np.ndarray], use_ema: bool = False,
+                  source: str = "checkpoint") -> dict[str, np.ndarray]:
+    """The model tensors of a checkpoint: the raw weights, or the EMA weights with ``use_ema``."""
+    if not use_ema:
+        return {k: v for k, v in params.items() if not k.startswith(TRAIN_STATE_PREFIXES)}
+    ema = {k[len(EMA_PREFIX):]: v for k, v in params.items() if k.startswith(EMA_PREFIX)}
+    if not ema:
+        raise CheckpointError(f"{source} has no EMA weights (trained with enable_ema: False); "
+                              "drop --use_ema")
+    return ema
