@@ -96,11 +96,16 @@ def read_metadata(path: str) -> dict:
         return json.load(f)
 
 
+def _named_params(net: ms.nn.Cell, names: Mapping[int, str] | None) -> list[tuple[str, ms.Parameter]]:
+    return [((names or {}).get(id(p), p.name), p) for p in net.get_parameters()]
+
+
 def check_compatible(params: Mapping[str, np.ndarray], net: ms.nn.Cell, source: str,
-                     ignore_prefixes: tuple[str, ...] = ()) -> None:
+                     ignore_prefixes: tuple[str, ...] = (), names: Mapping[int, str] | None = None) -> None:
     """Raise one CheckpointError naming the first tensor that is missing, unexpected or of another
-    shape. ``ignore_prefixes`` lists checkpoint names that are not model weights (optimizer state)."""
-    expected = {p.name: tuple(p.shape) for p in net.get_parameters()}
+    shape. ``ignore_prefixes`` lists checkpoint names that are not model weights (optimizer state);
+    ``names`` (id(param) -> name) gives the bare model's names when ``net`` is wrapped."""
+    expected = {name: tuple(p.shape) for name, p in _named_params(net, names)}
     model_keys = [k for k in params if not k.startswith(ignore_prefixes)]
     for name, shape in expected.items():
         if name not in params:
@@ -117,11 +122,11 @@ def check_compatible(params: Mapping[str, np.ndarray], net: ms.nn.Cell, source: 
 
 
 def load_into(net: ms.nn.Cell, params: Mapping[str, np.ndarray], source: str = "checkpoint",
-              ignore_prefixes: tuple[str, ...] = ()) -> None:
+              ignore_prefixes: tuple[str, ...] = (), names: Mapping[int, str] | None = None) -> None:
     """Strictly copy ``params`` into ``net`` (every model tensor, same shapes, nothing extra)."""
-    check_compatible(params, net, source, ignore_prefixes)
-    for p in net.get_parameters():
-        p.set_data(ms.Tensor(np.asarray(params[p.name], dtype=ms.dtype_to_nptype(p.dtype))))
+    check_compatible(params, net, source, ignore_prefixes, names)
+    for name, p in _named_params(net, names):
+        p.set_data(ms.Tensor(np.asarray(params[name], dtype=ms.dtype_to_nptype(p.dtype))))
 
 
 # Layout of a training checkpoint: model weights under their plain names (loadable by any

@@ -32,7 +32,7 @@ class Config(argparse.Namespace):
     """Attribute access to config keys; ``to_dict()`` for logging and checkpoint metadata."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
+        return {k: v for k, v in vars(self).items() if k != "explicit_keys"}
 
 
 _TRUE = {"true", "yes", "1", "on"}
@@ -152,6 +152,9 @@ def load_config(argv: Sequence[str] | None = None, overrides: Mapping[str, Any] 
             values[key] = _coerce(key, value, defaults[key])
     values["config_path"] = path or DEFAULT_CONFIG
     config = Config(**values)
+    # Keys the user chose (file, script overrides or flags): e.g. eval keeps a converted
+    # checkpoint's own preprocessing unless the user set it explicitly.
+    config.explicit_keys = sorted({k for _, layer in layers for k in layer})
     _validate(config)
     return config
 

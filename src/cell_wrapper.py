@@ -1,0 +1,109 @@
+"""Training step as one compiled graph: dynamic loss scale, gradient clipping, AdamW and EMA.
+
+Step order (as the original MindSpore CoAtNet): forward + soft-target loss -> scaled backward ->
+all-reduce (data parallel) -> unscale -> overflow check -> clip by global norm -> AdamWeightDecay
+-> EMA. On overflow the update (optimizer and EMA) is skipped and the loss scale shrinks by
+``scale_factor``; after ``scale_window`` good steps in a row it grows by ``scale_factor``.
+
+MindSpore's ``nn.TrainOneStepWithLossScaleCell`` cannot be used: on CPU its overflow check needs
+NPUGetFloatStatusV2 ("Unsupported op [NPUGetFloatStatusV2] on CPU"); ``ms.amp.all_finite`` works
+on every device.
+"""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+__all__ = ["SoftTargetCrossEntropy", "TrainStep"]
+
+_hyper_map = ops.HyperMap()
+
+
+class SoftTargetCrossEntropy(nn.Cell):
+    """Cross-entropy against soft targets (MixUp + label smoothing already folded in by the data
+    pipeline), computed in float32."""
+
+    def construct(self, logits, target):
+        logp = ops.log_softmax(logits.astype(ms.float32), axis=-1)
+        return -(target.astype(ms.float32) * logp).sum(axis=-1).mean()
+
+
+class _NetWithLoss(nn.Cell):
+    def __init__(self, network: nn.Cell, loss_fn: nn.Cell):
+        super().__init__(auto_prefix=False)
+        self.network = network
+        self.loss_fn = loss_fn
+
+    def construct(self, images, target):
+        return self.loss_fn(self.network(images), target)
+
+
+def _unscale(inv_scale, grad):
+    return grad * inv_scale.astype(grad.dtype)
+
+
+def _ema_update(decay, ema, param):
+    return ops.assign(ema, ema * decay + param.astype(ema.dtype) * (1.0 - decay))
+
+
+class TrainStep(nn.Cell):
+    """One training step. Returns (loss, finite, loss_scale, grad_norm_before_clip).
+
+    Args:
+        network: the model (possibly AMP-wrapped).
+        optimizer: an ``nn.AdamWeightDecay`` over the trainable parameters.
+        ema_params / model_params: aligned tuples of EMA shadow parameters and the model
+            parameters they follow (all of them, BatchNorm statistics included); ``None``: no EMA.
+        reducer: ``nn.DistributedGradReducer`` for data parallel, else ``None``.
+    """
+
+    def __init__(self, network: nn.Cell, optimizer: nn.Optimizer, *, loss_scale: float = 2.0 ** 24,
+                 scale_factor: float = 2.0, scale_window: int = 2000, clip_norm: float | None = 1.0,
+                 ema_params: tuple | None = None, model_params: tuple | None = None, ema_decay: float = 0.9999,
+                 reducer: nn.Cell | None = None):
+        super().__init__(auto_prefix=False)
+        self.net_with_loss = _NetWithLoss(network, SoftTargetCrossEntropy())
+        self.optimizer = optimizer
+        self.weights = optimizer.parameters
+        self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+        self.loss_scale = Parameter(Tensor(loss_scale, ms.float32), name="state.loss_scale", requires_grad=False)
+        self.good_steps = Parameter(Tensor(0, ms.int32), name="state.good_steps", requires_grad=False)
+        self.scale_factor = float(scale_factor)
+        self.scale_window = int(scale_window)
+        self.clip = clip_norm is not None
+        self.clip_norm = float(clip_norm) if clip_norm is not None else 1.0
+        self.use_ema = ema_params is not None
+        self.ema_params = ms.ParameterTuple(ema_params) if self.use_ema else None
+        self.model_params = ms.ParameterTuple(model_params) if self.use_ema else None
+        self.ema_decay = float(ema_decay)
+        self.reducer = reducer
+
+    def construct(self, images, target):
+        loss = self.net_with_loss(images, target)
+        scale = self.loss_scale
+        sens = ops.ones_like(loss) * scale.astype(loss.dtype)
+        grads = self.grad(self.net_with_loss, self.weights)(images, target, sens)
+        if self.reducer is not None:
+            grads = self.reducer(grads)
+        grads = _hyper_map(ops.partial(_unscale, 1.0 / scale), grads)
+        finite = ms.amp.all_finite(grads)
+        grad_norm = ops.stack([ops.norm(g.astype(ms.float32)) for g in grads]).norm()
+        if self.clip:
+            grads = ops.clip_by_global_norm(grads, self.clip_norm)
+        if finite:
+            loss = ops.depend(loss, self.optimizer(grads))
+            if self.use_ema:
+                loss = ops.depend(loss, _hyper_map(ops.partial(_ema_update, self.ema_decay),
+                                                   self.ema_params, self.model_params))
+        loss = ops.depend(loss, self._update_scale(finite))
+        return loss, finite, scale, grad_norm
+
+    def _update_scale(self, finite):
+        one = ops.ones((), ms.int32)
+        good = ops.select(finite, self.good_steps + one, ops.zeros((), ms.int32))
+        grow = good >= self.scale_window
+        shrunk = ops.maximum(self.loss_scale / self.scale_factor, ops.ones((), ms.float32))
+        new_scale = ops.select(finite, ops.select(grow, self.loss_scale * self.scale_factor, self.loss_scale),
+                               shrunk)
+        good = ops.select(grow, ops.zeros((), ms.int32), good)
+        return ops.depend(ops.assign(self.loss_scale, new_scale), ops.assign(self.good_steps, good))

@@ -1,0 +1,130 @@
+"""Learning-rate schedule, parameter groups, run context (device, mode, ranks) and seeding."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass
+
+import mindspore as ms
+import numpy as np
+from mindspore import nn
+
+from src.model_utils import device_adapter
+
+__all__ = ["lr_schedule", "param_groups", "RunContext", "setup_context", "set_seed", "get_logger"]
+
+
+def lr_schedule(lr_max: float, lr_min: float, warmup_epochs: int, num_epochs: int,
+                steps_per_epoch: int) -> np.ndarray:
+    """Per-step learning rate: linear warmup to ``lr_max`` over ``warmup_epochs`` (reached on the
+    last warmup step), then half-cosine from ``lr_max`` (first step after warmup) down to exactly
+    ``lr_min`` on the last step. ``lr_max == lr_min`` gives a constant rate (the fine-tune recipe)."""
+    total = num_epochs * steps_per_epoch
+    warmup = warmup_epochs * steps_per_epoch
+    lr = np.empty(total, np.float64)
+    steps = np.arange(total)
+    if warmup:
+        lr[:warmup] = lr_max * (steps[:warmup] + 1) / warmup
+    decay = total - warmup
+    if decay == 1:
+        lr[warmup:] = lr_min
+    elif decay > 1:
+        progress = (steps[warmup:] - warmup) / (decay - 1)
+        lr[warmup:] = lr_min + 0.5 * (lr_max - lr_min) * (1.0 + np.cos(math.pi * progress))
+    return lr.astype(np.float32)
+
+
+def param_groups(params: list[ms.Parameter], weight_decay: float, names: dict[int, str]) -> list[dict]:
+    """Weight decay on conv/dense kernels only (names ending in '.weight'); none on norm scales
+    and shifts, biases, relative-position tables or LayerScale (as the original project and timm's
+    ``no_weight_decay``). ``names`` maps id(param) -> canonical name."""
+    decay = [p for p in params if names[id(p)].endswith(".weight")]
+    no_decay = [p for p in params if not names[id(p)].endswith(".weight")]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    groups.append({"order_params": params})
+    return groups
+
+
+@dataclass
+class RunContext:
+    rank_id: int
+    rank_size: int
+    device_id: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank_id == 0
+
+
+def setup_context(config) -> RunContext:
+    """Device, execution mode and, when started by msrun with several workers, the collective
+    backend (HCCL on Ascend, NCCL on GPU, MindSpore's own MCCL on CPU). ``init()`` fails outside
+    msrun, so it is called only when RANK_SIZE > 1."""
+    mode = ms.GRAPH_MODE if config.mode == "GRAPH" else ms.PYNATIVE_MODE
+    ms.set_context(mode=mode, device_target=config.device_target)
+    if config.mode == "GRAPH":
+        ms.set_context(jit_config={"jit_level": config.jit_level})
+    rank_size = device_adapter.get_device_num(config)
+    device_id = device_adapter.get_device_id(config)
+    if config.device_target != "CPU":
+        ms.set_device(config.device_target, device_id)
+    rank_id = 0
+    if rank_size > 1:
+        from mindspore.communication import get_group_size, get_rank, init
+
+        init()
+        rank_id, rank_size = get_rank(), get_group_size()
+        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
+                                     device_num=rank_size)
+    return RunContext(rank_id=rank_id, rank_size=rank_size, device_id=device_id)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    ms.set_seed(seed)
+
+
+def get_logger(output_path: str | None = None, rank_id: int = 0) -> logging.Logger:
+    """Console + per-rank log file (``output_path/log/rank_<id>.log``)."""
+    logger = logging.getLogger("coatnet")
+    if logger.handlers:
+        return logger
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank_id}] %(message)s", "%H:%M:%S")
+    console = logging.StreamHandler()
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    if output_path:
+        os.makedirs(os.path.join(output_path, "log"), exist_ok=True)
+        fh = logging.FileHandler(os.path.join(output_path, "log", f"rank_{rank_id}.log"))
+        fh.setFormatter(fmt)
+        logger.addHandler(fh)
+    return logger
+
+
+def canonical_names(net: nn.Cell) -> dict[int, str]:
+    """id(param) -> the name of the parameter in the bare model. Wrappers (loss cell, AMP O2's
+    ``_backbone``) rename parameters; checkpoints always use these names and load strictly."""
+    return {id(p): p.name for p in net.get_parameters()}
+
+
+def cli_main(run, argv=None) -> int:
+    """Run an entry point; a bad config, checkpoint or dataset ends it with one line on stderr and
+    exit code 2 instead of a traceback."""
+    import sys
+
+    from src.checkpoint import CheckpointError
+    from src.model_utils.config import ConfigError
+
+    try:
+        run(argv)
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2
+    return 0

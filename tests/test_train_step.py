@@ -1,0 +1,137 @@
+"""The compiled train step: EMA, loss-scale overflow handling, clip-norm; and the lr schedule."""
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import nn
+
+from src.cell_wrapper import TrainStep
+from src.coatnet import create_model
+from src.utils import canonical_names, lr_schedule, param_groups
+
+
+@pytest.fixture(autouse=True)
+def graph_mode():
+    ms.set_context(mode=ms.GRAPH_MODE)
+
+
+def _batch(seed=0, n=4):
+    rng = np.random.RandomState(seed)
+    x = rng.randn(n, 3, 32, 32).astype(np.float32)
+    y = np.eye(10, dtype=np.float32)[rng.randint(0, 10, n)] * 0.9 + 0.01
+    return ms.Tensor(x), ms.Tensor(y)
+
+
+def _setup(ema_decay=None, clip=1.0, optimizer="adamw", lr=1e-3, loss_scale=2.0 ** 24):
+    ms.set_seed(0)
+    net = create_model("coatnet_tiny", num_classes=10, image_size=32)
+    net.set_train(True)
+    names = canonical_names(net)
+    params = net.trainable_params()
+    if optimizer == "sgd":
+        opt = nn.SGD(params, learning_rate=lr)
+    else:
+        opt = nn.AdamWeightDecay(param_groups(params, 0.05, names), learning_rate=lr, eps=1e-6)
+    all_params = list(net.get_parameters())
+    ema = None
+    if ema_decay is not None:
+        ema = tuple(ms.Parameter(p.value().copy(), name="ema." + names[id(p)], requires_grad=False)
+                    for p in all_params)
+    step = TrainStep(net, opt, loss_scale=loss_scale, clip_norm=clip, ema_params=ema,
+                     model_params=tuple(all_params) if ema else None, ema_decay=ema_decay or 0.0)
+    return net, step, ema, all_params
+
+
+def _values(params):
+    return [p.asnumpy().copy() for p in params]
+
+
+def test_ema_follows_the_formula_over_two_steps():
+    d = 0.7
+    net, step, ema, params = _setup(ema_decay=d)
+    w0 = _values(params)
+    step(*_batch(0))
+    w1 = _values(params)
+    step(*_batch(1))
+    w2 = _values(params)
+    got = _values(ema)
+    for name_p, a, b, c, e in zip(params, w0, w1, w2, got, strict=True):
+        expected = d * (d * a + (1 - d) * b) + (1 - d) * c
+        np.testing.assert_allclose(e, expected, rtol=1e-5, atol=1e-6, err_msg=name_p.name)
+    moved = [not np.allclose(e, c) for e, c in zip(got, w2, strict=True)]
+    assert sum(moved) > len(moved) // 2  # the EMA weights differ from the raw weights
+    # BatchNorm statistics are averaged too
+    bn = [i for i, p in enumerate(params) if p.name.endswith("moving_mean")]
+    assert bn and not np.allclose(got[bn[0]], w0[bn[0]])
+
+
+def test_non_finite_gradient_skips_the_update_and_halves_the_scale():
+    net, step, ema, params = _setup(ema_decay=0.9, loss_scale=1024.0)
+    step(*_batch(0))
+    assert float(step.loss_scale.asnumpy()) == 1024.0
+    trainable = [p for p in params if p.requires_grad]
+    before, ema_before = _values(trainable), _values(ema)
+    moments_before = _values(step.optimizer.moments1)
+    x, y = _batch(1)
+    bad = x.asnumpy()
+    bad[0, 0, 0, 0] = np.inf
+    loss, finite, _, _ = step(ms.Tensor(bad), y)
+    assert not bool(finite.asnumpy())
+    assert float(step.loss_scale.asnumpy()) == 512.0
+    for a, p in zip(before, trainable, strict=True):
+        assert np.isfinite(p.asnumpy()).all()
+        np.testing.assert_array_equal(p.asnumpy(), a, err_msg=p.name)
+    for a, e in zip(ema_before, ema, strict=True):
+        np.testing.assert_array_equal(e.asnumpy(), a)
+    for a, m in zip(moments_before, step.optimizer.moments1, strict=True):
+        np.testing.assert_array_equal(m.asnumpy(), a)
+    # training goes on normally after the skipped step
+    _, finite, _, _ = step(*_batch(2))
+    assert bool(finite.asnumpy())
+
+
+def test_loss_scale_grows_after_the_window():
+    net, step, _, _ = _setup(loss_scale=8.0)
+    step.scale_window = 2
+    step2 = TrainStep(net, step.optimizer, loss_scale=8.0, scale_window=2)
+    for i in range(2):
+        step2(*_batch(i))
+    assert float(step2.loss_scale.asnumpy()) == 16.0
+    assert int(step2.good_steps.asnumpy()) == 0
+
+
+def test_clip_norm_bounds_the_applied_gradient():
+    clip = 0.01
+    net, step, _, params = _setup(clip=clip, optimizer="sgd", lr=1.0)
+    trainable = [p for p in params if p.requires_grad]
+    before = _values(trainable)
+    _, finite, _, grad_norm = step(*_batch(0))
+    delta = np.sqrt(sum(((p.asnumpy() - b) ** 2).sum() for p, b in zip(trainable, before, strict=True)))
+    assert float(grad_norm.asnumpy()) > 10 * clip  # the raw gradient was much larger
+    assert delta <= clip * 1.001
+    assert delta >= clip * 0.99  # and the update is the clipped gradient, not zero
+
+
+def test_lr_schedule_warmup_peak_and_final():
+    lr = lr_schedule(1e-3, 1e-5, warmup_epochs=2, num_epochs=10, steps_per_epoch=5)
+    assert lr.shape == (50,)
+    assert lr[0] == pytest.approx(1e-4)  # 1/10 of the way up
+    assert lr[9] == pytest.approx(1e-3)  # warmup ends at lr_max
+    assert lr[10] == pytest.approx(1e-3)  # cosine starts at the peak
+    assert lr.max() == pytest.approx(1e-3)
+    assert lr[-1] == pytest.approx(1e-5)  # and ends exactly at lr_min
+    assert np.all(np.diff(lr[10:]) <= 0)
+    const = lr_schedule(5e-5, 5e-5, 0, 3, 4)
+    np.testing.assert_allclose(const, 5e-5)
+
+
+def test_weight_decay_only_on_kernels():
+    net = create_model("coatnet_tiny", num_classes=10, image_size=32)
+    names = canonical_names(net)
+    groups = param_groups(net.trainable_params(), 0.05, names)
+    decayed = {names[id(p)] for p in groups[0]["params"]}
+    plain = {names[id(p)] for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    assert "stages.0.blocks.0.conv1_1x1.weight" in decayed and "head.fc.weight" in decayed
+    assert "stem.norm1.bn.gamma" in plain and "head.fc.bias" in plain
+    assert "stages.2.blocks.0.attn.rel_pos.relative_position_bias_table" in plain
+    assert "stages.2.blocks.0.norm1.norm.gamma" in plain
