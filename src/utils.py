@@ -128,3 +128,29 @@ def cli_main(run, argv=None) -> int:
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
     return 0
+
+
+HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
+
+
+def load_pretrained(net: nn.Cell, path: str, use_ema: bool, logger: logging.Logger) -> None:
+    """Start fine-tuning from a checkpoint (ours or converted from timm): relative-position tables
+    are resized to the model's resolution, the classifier is re-initialised when the number of
+    classes differs, and anything else that does not fit is one clear error (another variant)."""
+    from src.checkpoint import CheckpointError, load_checkpoint, load_into, model_weights
+    from src.coatnet import resize_rel_pos_tables
+
+    weights = resize_rel_pos_tables(model_weights(load_checkpoint(path), use_ema, path), net)
+    shapes = {p.name: tuple(p.shape) for p in net.get_parameters()}
+    head_shape = tuple(np.shape(weights.get(HEAD_KEYS[0], ())))
+    if HEAD_KEYS[0] in weights and head_shape[1:] == shapes[HEAD_KEYS[0]][1:] \
+            and head_shape[0] != shapes[HEAD_KEYS[0]][0]:
+        logger.info(f"re-initialising the classifier head: {path} has {head_shape[0]} classes, "
+                    f"the model has {shapes[HEAD_KEYS[0]][0]}")
+        for key in HEAD_KEYS:
+            weights[key] = next(p for p in net.get_parameters() if p.name == key).asnumpy()
+    try:
+        load_into(net, weights, path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc} -- refusing to fine-tune from it") from None
+    logger.info(f"loaded pretrained weights from {path}{' (EMA)' if use_ema else ''}")
