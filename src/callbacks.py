@@ -8,7 +8,7 @@ import os
 import re
 import time
 
-from src.checkpoint import save_checkpoint
+from src.checkpoint import remove_stale_temporaries, save_checkpoint
 
 __all__ = ["StepLogger", "MetricsWriter", "CheckpointManager"]
 
@@ -98,6 +98,8 @@ class CheckpointManager:
         self.keep_best = keep_best
         self.enabled = enabled
         self.best_top1 = -1.0
+        if enabled:
+            remove_stale_temporaries(self.folder)  # left by a run killed while saving
 
     def save(self, epoch: int, params: dict, metadata: dict, top1: float | None) -> str | None:
         if not self.enabled:

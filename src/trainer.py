@@ -13,7 +13,7 @@ from mindspore import nn
 
 from src.callbacks import CheckpointManager, MetricsWriter, StepLogger
 from src.cell_wrapper import TrainStep
-from src.checkpoint import EMA_PREFIX, CheckpointError, load_checkpoint, read_metadata
+from src.checkpoint import EMA_PREFIX, CheckpointError, load_checkpoint, read_metadata, weights_fingerprint
 from src.coatnet import CoAtNet, create_model
 from src.metrics import evaluate
 from src.utils import RunContext, canonical_names, get_logger, lr_schedule, param_groups, set_seed
@@ -151,6 +151,8 @@ def train(config, run: RunContext, init_weights: Callable[[CoAtNet, object], Non
     if val_ds is not None:
         eval_net = build_model(config) if ema is not None else net
     global_batch = config.batch_size * run.rank_size
+    logger.info(f"rank {run.rank_id}/{run.rank_size}: {steps_per_epoch * config.batch_size} train samples "
+                f"per epoch (shard {run.rank_id} of {run.rank_size})")
     logger.info(f"model {config.model_name}: {sum(p.size for p in trainable):,} trainable params; "
                 f"{steps_per_epoch} steps/epoch x {config.num_epochs} epochs, global batch {global_batch}")
     step_log = StepLogger(logger, config.log_interval, steps_per_epoch, total_steps, global_batch)
@@ -206,4 +208,7 @@ def train(config, run: RunContext, init_weights: Callable[[CoAtNet, object], Non
                 upload()
             except Exception as exc:  # a failed periodic upload must not end the run
                 logger.warning(f"periodic OBS upload failed ({exc}); the final upload will retry")
+    fingerprint = weights_fingerprint({names[id(p)]: p for p in net.get_parameters()})
+    logger.info(f"final weights fingerprint {fingerprint}")
+    record["weights_fingerprint"] = fingerprint
     return record
