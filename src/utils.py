@@ -65,13 +65,12 @@ def setup_context(config) -> RunContext:
     backend (HCCL on Ascend, NCCL on GPU, MindSpore's own MCCL on CPU). ``init()`` fails outside
     msrun, so it is called only when RANK_SIZE > 1."""
     mode = ms.GRAPH_MODE if config.mode == "GRAPH" else ms.PYNATIVE_MODE
-    ms.set_context(mode=mode, device_target=config.device_target)
-    if config.mode == "GRAPH":
-        ms.set_context(jit_config={"jit_level": config.jit_level})
     rank_size = device_adapter.get_device_num(config)
     device_id = device_adapter.get_device_id(config)
-    if config.device_target != "CPU":
-        ms.set_device(config.device_target, device_id)
+    ms.set_device(config.device_target, device_id if config.device_target != "CPU" else None)
+    ms.set_context(mode=mode)
+    if config.mode == "GRAPH":
+        ms.set_context(jit_config={"jit_level": config.jit_level})
     rank_id = 0
     if rank_size > 1:
         from mindspore.communication import get_group_size, get_rank, init
