@@ -17,6 +17,17 @@ def topk_correct(logits: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (
     return {k: int(hit[:, :min(k, k_max)].any(axis=1).sum()) for k in ks}
 
 
+class _AllReduceSum(nn.Cell):
+    # comm_func.all_reduce has no CPU kernel in MindSpore 2.10 ("Create kernelmod for op
+    # InnerCommAllReduce failed"); the AllReduce primitive in a compiled cell works on every backend.
+    def __init__(self):
+        super().__init__()
+        self.op = ms.ops.AllReduce(ms.ops.ReduceOp.SUM)
+
+    def construct(self, x):
+        return self.op(x)
+
+
 def evaluate(net: nn.Cell, dataset, rank_size: int = 1) -> dict[str, float]:
     """Top-1/top-5 accuracy of ``net`` over ``dataset`` (columns image, label). With several ranks
     each evaluates its shard and the counts are summed across ranks."""
@@ -27,8 +38,6 @@ def evaluate(net: nn.Cell, dataset, rank_size: int = 1) -> dict[str, float]:
         hits = topk_correct(logits, labels.asnumpy(), (1, 5))
         counts += (hits[1], hits[5], logits.shape[0])
     if rank_size > 1:
-        from mindspore.communication.comm_func import all_reduce
-
-        counts = all_reduce(ms.Tensor(counts.astype(np.float32)))[0].asnumpy().astype(np.float64)
+        counts = _AllReduceSum()(ms.Tensor(counts.astype(np.float32))).asnumpy().astype(np.float64)
     n = max(counts[2], 1.0)
     return {"top1": counts[0] / n, "top5": counts[1] / n, "num_samples": int(counts[2])}

@@ -208,7 +208,9 @@ def train(config, run: RunContext, init_weights: Callable[[CoAtNet, object], Non
                 upload()
             except Exception as exc:  # a failed periodic upload must not end the run
                 logger.warning(f"periodic OBS upload failed ({exc}); the final upload will retry")
-    fingerprint = weights_fingerprint({names[id(p)]: p for p in net.get_parameters()})
+    # Trainable weights only: gradients are all-reduced, so these must agree on every rank, while
+    # BatchNorm running statistics are per rank in data parallel (each normalises its own shard).
+    fingerprint = weights_fingerprint({names[id(p)]: p for p in net.trainable_params()})
     logger.info(f"final weights fingerprint {fingerprint}")
     record["weights_fingerprint"] = fingerprint
     return record
