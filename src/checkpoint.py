@@ -165,7 +165,7 @@ def load_into(net: ms.nn.Cell, params: Mapping[str, np.ndarray], source: str = "
     """Strictly copy ``params`` into ``net`` (every model tensor, same shapes, nothing extra)."""
     check_compatible(params, net, source, ignore_prefixes, names)
     for name, p in _named_params(net, names):
-        p.set_data(ms.Tensor(np.asarray(params[name], dtype=ms.dtype_to_nptype(p.dtype))))
+        p.set_data(ms.Tensor(np.asarray(params[name]), dtype=p.dtype))
 
 
 # Layout of a training checkpoint: model weights under their plain names (loadable by any
