@@ -28,6 +28,7 @@ __all__ = [
     "rel_pos_index",
     "resize_rel_pos_bias_table",
     "resize_rel_pos_tables",
+    "prepare_for_export",
 ]
 
 
@@ -659,5 +660,74 @@ def resize_rel_pos_tables(state: dict, net: CoAtNet) -> dict:
             owner = key[: -len(".relative_position_bias_table")]
             if owner in windows:
                 arr = value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)
-                out[key] = resize_rel_pos_bias_table(arr, windows[owner])
+                w = windows[owner]
+                if arr.shape[0] != (2 * w[0] - 1) * (2 * w[1] - 1):  # same window: nothing to resize
+                    out[key] = resize_rel_pos_bias_table(arr, w)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# ONNX export
+# --------------------------------------------------------------------------------------------------
+class ExportGELU(nn.Cell):
+    """Exact GELU written with ops MindSpore 2.10's ONNX exporter converts (no Erf, no Sign).
+
+    With Phi(x) = 0.5 (1 + erf(x / sqrt 2)) and erfc(z) ~ poly(t) exp(-z^2) (Abramowitz & Stegun
+    7.1.26, |error| < 1.5e-7): x Phi(x) = relu(x) - 0.5 |x| erfc(|x| / sqrt 2) for either sign of x.
+    """
+
+    def __init__(self):
+        super().__init__(auto_prefix=False)
+
+    def construct(self, x):
+        ax = ops.abs(x)
+        z = ax * 0.7071067811865476
+        # ops.div, not `1.0 / ...`: a scalar numerator becomes Reciprocal, which has no converter either.
+        t = ops.div(1.0, 1.0 + 0.3275911 * z)
+        poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741
+                                                           + t * (-1.453152027 + t * 1.061405429))))
+        return ops.relu(x) - 0.5 * ax * poly * ops.exp(-z * z)
+
+
+class ExportLayerNorm2d(nn.Cell):
+    """LayerNorm2d with 1 / sqrt instead of Rsqrt (no ONNX converter); shares the original's
+    gamma / beta, whose names are kept (``auto_prefix=False``)."""
+
+    def __init__(self, norm: LayerNorm2d):
+        super().__init__(auto_prefix=False)
+        self.eps = norm.eps
+        self.gamma = norm.gamma
+        self.beta = norm.beta
+
+    def construct(self, x):
+        dtype = x.dtype
+        x = x.astype(ms.float32)
+        mean = x.mean(axis=1, keep_dims=True)
+        xc = x - mean
+        var = (xc * xc).mean(axis=1, keep_dims=True)
+        y = xc / ops.sqrt(var + self.eps)
+        y = y * self.gamma.reshape(1, -1, 1, 1) + self.beta.reshape(1, -1, 1, 1)
+        return y.astype(dtype)
+
+
+def prepare_for_export(net: nn.Cell) -> nn.Cell:
+    """Swap, in place, the cells MindSpore 2.10 cannot export to ONNX for equivalents it can: GELU
+    (no converter for Erf, nor for Sign in GELU's own erf-free branch) and LayerNorm2d (none for
+    Rsqrt). Logits move by ~1e-6. Every other op of the model (Conv, BatchNorm, 2x2 AvgPool,
+    ReduceMean, Gather by a constant index, MatMul, Softmax, Split, Transpose, Cast, Sigmoid, Tanh)
+    converts as is. Only for ONNX: MINDIR keeps the exact ops.
+
+    Parameters stay the same objects under the same names, so weights load before or after. Swap
+    before the network's first graph-mode call: a graph compiled earlier keeps the old cells
+    (``mindspore.export`` compiles its own graph and sees the new ones)."""
+    swaps = []
+    for _, parent in net.cells_and_names():
+        for child_name, child in parent.name_cells().items():
+            if isinstance(child, GELU):
+                swaps.append((parent, child_name, ExportGELU()))
+            elif isinstance(child, LayerNorm2d):
+                swaps.append((parent, child_name, ExportLayerNorm2d(child)))
+    for parent, child_name, cell in swaps:
+        # insert_child_to_cell, unlike attribute assignment, does not re-prefix parameter names.
+        parent.insert_child_to_cell(child_name, cell)
+    return net

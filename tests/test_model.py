@@ -141,3 +141,11 @@ def test_drop_path_is_active_only_in_training():
     net.set_train(True)
     c, d = net(x).asnumpy(), net(x).asnumpy()
     assert not np.allclose(c, d)
+
+
+def test_tables_of_a_non_square_model_load_unchanged():
+    net = create_model("coatnet_tiny", num_classes=10, image_size=(64, 96))
+    state = {p.name: p.asnumpy() for p in net.get_parameters()}
+    out = resize_rel_pos_tables(state, net)
+    key = "stages.2.blocks.0.attn.rel_pos.relative_position_bias_table"
+    assert out[key].shape == (7 * 11, 2) and out[key] is state[key]

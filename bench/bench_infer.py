@@ -1,0 +1,164 @@
+"""Inference throughput after export, on CPU: the MindSpore Python model (graph mode), the exported
+MINDIR (GraphCell) and the exported ONNX in onnxruntime, against timm eager and torch.compile, in one
+run with the same input, batch, float32 and thread count. Random weights; nothing is downloaded.
+
+    .venv/bin/python bench/bench_infer.py [--model coatnet_0] [--batch_size 8] [--image_size 224]
+                                          [--iters 5] [--threads 2] [--compile_timeout 900]
+
+Each runtime is timed in its own child process, one after the other, so that no runtime's thread pool
+or allocator state touches another's; torch.compile past --compile_timeout is stopped and reported as
+such. The load average is printed with the figures: on a shared machine other processes move them.
+
+``--model coatnet_tiny`` is a quick check: its timm reference is timm's coatnet_0 configuration with
+coatnet_tiny's widths and depths (same parameter count).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from common import median_time
+
+RUNTIMES = ("mindspore", "mindir", "onnx", "timm_eager", "torch_compile")
+LABELS = {"mindspore": "MindSpore graph (Python model)", "mindir": "MINDIR (GraphCell)",
+          "onnx": "ONNX (onnxruntime)", "timm_eager": "timm eager", "torch_compile": "timm torch.compile"}
+
+
+def timm_reference(name: str, image_size: int):
+    import dataclasses
+
+    import timm
+    from timm.models import maxxvit
+
+    from src.coatnet import MODEL_CFGS, TIMM_NAMES
+
+    if name in TIMM_NAMES:
+        model = timm.create_model(TIMM_NAMES[name], img_size=image_size)
+    else:
+        ours = MODEL_CFGS[name]
+        cfg = dataclasses.replace(maxxvit.model_cfgs["coatnet_0"], embed_dim=ours.embed_dim, depths=ours.depths,
+                                  stem_width=ours.stem_width, head_hidden_size=ours.head_hidden_size)
+        model = maxxvit.MaxxVit(cfg, img_size=image_size)
+    return model.eval()
+
+
+def _worker(args) -> dict:
+    """One runtime in this (child) process; returns img/s and notes. The mindspore worker runs first and
+    leaves the exported files and its logits in --work_dir for the others."""
+    import numpy as np
+
+    x = np.random.RandomState(0).randn(args.batch_size, 3, args.image_size, args.image_size).astype(np.float32)
+    ref_path = os.path.join(args.work_dir, "logits.npy")
+    kind = args.worker
+    if kind in ("timm_eager", "torch_compile"):
+        import torch
+
+        torch.set_num_threads(args.threads)
+        model = timm_reference(args.model, args.image_size)
+        xp = torch.from_numpy(x)
+        with torch.inference_mode():
+            if kind == "timm_eager":
+                return {"img_s": args.batch_size / median_time(lambda: model(xp), args.iters)}
+            start = time.perf_counter()
+            compiled = torch.compile(model)
+            compiled(xp)
+            compile_s = time.perf_counter() - start
+            return {"img_s": args.batch_size / median_time(lambda: compiled(xp), args.iters),
+                    "note": f"compile + first call {compile_s:.0f} s"}
+
+    if kind == "onnx":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = args.threads, 1
+        session = ort.InferenceSession(os.path.join(args.work_dir, "model.onnx"), opts,
+                                       providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: x}
+        diff = np.abs(session.run(None, feed)[0] - np.load(ref_path)).max()
+        return {"img_s": args.batch_size / median_time(lambda: session.run(None, feed), args.iters),
+                "note": f"max|diff| vs Python model {diff:.1e}"}
+
+    import mindspore as ms
+
+    ms.set_context(mode=ms.GRAPH_MODE, jit_config={"jit_level": "O1"})
+    ms.device_context.cpu.op_tuning.threads_num(args.threads)  # MindSpore's default is 25
+    xt = ms.Tensor(x)
+    if kind == "mindir":
+        graph = ms.nn.GraphCell(ms.load(os.path.join(args.work_dir, "model.mindir")))
+        diff = np.abs(graph(xt).asnumpy() - np.load(ref_path)).max()
+        return {"img_s": args.batch_size / median_time(lambda: graph(xt).asnumpy(), args.iters),
+                "note": f"max|diff| vs Python model {diff:.1e}"}
+
+    from export import export_network
+    from src.coatnet import create_model
+
+    ms.set_seed(0)
+    net = create_model(args.model, image_size=args.image_size)
+    net.set_train(False)
+    np.save(ref_path, net(xt).asnumpy())
+    img_s = args.batch_size / median_time(lambda: net(xt).asnumpy(), args.iters)
+    zeros = (ms.Tensor(np.zeros(x.shape, np.float32)),)
+    for file_format in ("MINDIR", "ONNX"):  # ONNX last: it swaps cells for their ONNX formulations
+        export_network(net, zeros, os.path.join(args.work_dir, "model"), file_format)
+    return {"img_s": img_s}
+
+
+def _run_worker(kind: str, args, work_dir: str, timeout: float | None) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), f"--worker={kind}", f"--work_dir={work_dir}",
+           f"--model={args.model}", f"--batch_size={args.batch_size}", f"--image_size={args.image_size}",
+           f"--iters={args.iters}", f"--threads={args.threads}"]
+    # Own session, so that a timeout also stops inductor's compile workers.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return {"note": f"not done after {timeout:.0f} s, stopped"}
+    if proc.returncode != 0:
+        return {"note": "failed: " + (err.strip().splitlines() or ["no output"])[-1][:200]}
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="coatnet_0")
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--image_size", type=int, default=224)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile_timeout", type=float, default=900.0)
+    ap.add_argument("--worker", choices=RUNTIMES, help=argparse.SUPPRESS)
+    ap.add_argument("--work_dir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.iters < 5:
+        ap.error("--iters must be >= 5 (the figure is a median)")
+    if args.worker:
+        print(json.dumps(_worker(args)))
+        return
+
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as work_dir:
+        results = {kind: _run_worker(kind, args, work_dir, args.compile_timeout if kind == "torch_compile" else None)
+                   for kind in RUNTIMES}
+    base = results["timm_eager"].get("img_s")
+    print(f"inference {args.model} {args.image_size}x{args.image_size} fp32, batch {args.batch_size}, "
+          f"{args.threads} threads, median of {args.iters} after 2 warm-up runs, one process per runtime; "
+          f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, {os.cpu_count()} CPUs")
+    print(f"{'runtime':<32} {'img/s':>8} {'vs timm eager':>14}")
+    for kind in RUNTIMES:
+        r = results[kind]
+        value = r.get("img_s")
+        ratio = f"{value / base:>13.2f}x" if value and base else f"{'-':>14}"
+        figures = f"{value:>8.2f} {ratio}" if value else f"{'-':>8} {'-':>14}"
+        print(f"{LABELS[kind]:<32} {figures}  {r.get('note', '')}".rstrip())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Export a checkpoint for inference:
+
+    python export.py --checkpoint_path=CKPT --file_format=MINDIR|ONNX|AIR --file_name=NAME [--use_ema=True]
+                     [--model_name=... --num_classes=... --image_height=... --image_width=... --batch_size=...]
+
+Writes NAME.mindir / NAME.onnx / NAME.air (input: float32 (batch_size, 3, image_height, image_width),
+output: logits) and prints its path. A checkpoint trained at another resolution gets its relative-position
+tables resized. ONNX uses exact equivalents of the ops MindSpore 2.10 cannot convert
+(``src.coatnet.prepare_for_export``); MINDIR and AIR keep the model's own ops. AIR needs device_target Ascend.
+"""
+import os
+import shutil
+import tempfile
+
+import src  # noqa: F401  (sets the CPU ISA default before mindspore loads)
+from src.checkpoint import load_checkpoint, load_into, model_weights
+from src.coatnet import create_model, prepare_for_export, resize_rel_pos_tables
+from src.model_utils.config import ConfigError, load_config
+from src.model_utils.moxing_adapter import fetch_checkpoint, moxing_wrapper
+from src.utils import cli_main, setup_context
+
+EXTENSIONS = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
+
+
+def output_path(file_name: str, file_format: str) -> str:
+    """The file MindSpore writes for ``file_name``: it appends the extension unless it is already there."""
+    ext = EXTENSIONS[file_format]
+    return file_name if file_name.endswith(ext) else file_name + ext
+
+
+def export_network(net, inputs, file_name: str, file_format: str) -> str:
+    """Export ``net`` (eval mode, weights loaded) and return the written path; nothing is left at
+    ``file_name`` or beside it if the export fails.
+
+    MindSpore writes into a fresh hidden folder beside the target and the file is renamed into place
+    on success: its ONNX writer also chmods the folder it writes into to 0700, which must not
+    happen to the user's folder."""
+    import mindspore as ms
+
+    path = output_path(file_name, file_format)
+    if os.path.isdir(path):
+        raise ValueError(f"--file_name: {path} is a folder; expected a file name")
+    if file_format == "ONNX":
+        prepare_for_export(net)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        ms.export(net, *inputs, file_name=os.path.join(work, "model"), file_format=file_format)
+        written = os.path.join(work, "model" + EXTENSIONS[file_format])
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(written, 0o666 & ~umask)  # MindSpore leaves it read-only (0400)
+        with open(written, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(written, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return path
+
+
+def export_checkpoint(config) -> str:
+    import mindspore as ms
+    import numpy as np
+
+    params = load_checkpoint(config.checkpoint_path)
+    size = (config.image_height, config.image_width)
+    # No stochastic depth or dropout: the exported graph is the inference network only.
+    net = create_model(config.model_name, num_classes=config.num_classes, image_size=size)
+    weights = resize_rel_pos_tables(model_weights(params, config.use_ema, config.checkpoint_path), net)
+    load_into(net, weights, f"{config.checkpoint_path} as {config.model_name} with num_classes={config.num_classes}")
+    net.set_train(False)
+    x = ms.Tensor(np.zeros((config.batch_size, 3, *size), np.float32))
+    path = export_network(net, (x,), config.file_name, config.file_format)
+    print(os.path.abspath(path))
+    return path
+
+
+def main(argv=None) -> None:
+    config = load_config(argv)
+    if config.file_format == "AIR" and config.device_target != "Ascend":
+        raise ConfigError(f"config key 'file_format': AIR can only be built with device_target Ascend, got "
+                          f"{config.device_target}; use MINDIR or ONNX")
+    setup_context(config)
+
+    def pre_process() -> None:
+        if config.checkpoint_url:
+            fetch_checkpoint(config, "checkpoint_path")
+        # On ModelArts only output_path is uploaded.
+        if not os.path.isabs(config.file_name):
+            config.file_name = os.path.join(config.output_path, config.file_name)
+
+    moxing_wrapper(config, pre_process=pre_process)(lambda: export_checkpoint(config))()
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli_main(main))
