@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from common import median_time
+from common import base_parser, median_time
 
 RUNTIMES = ("mindspore", "mindir", "onnx", "timm_eager", "torch_compile")
 LABELS = {"mindspore": "MindSpore graph (Python model)", "mindir": "MINDIR (GraphCell)",
@@ -127,12 +127,7 @@ def _run_worker(kind: str, args, work_dir: str, timeout: float | None) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="coatnet_0")
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--image_size", type=int, default=224)
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = base_parser(__doc__)
     ap.add_argument("--compile_timeout", type=float, default=900.0)
     ap.add_argument("--worker", choices=RUNTIMES, help=argparse.SUPPRESS)
     ap.add_argument("--work_dir", help=argparse.SUPPRESS)

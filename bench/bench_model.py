@@ -3,17 +3,12 @@ coatnet_0 in MindSpore graph mode against timm in the same run (same threads, ba
 
     .venv/bin/python bench/bench_model.py [--batch_size 8] [--iters 5] [--threads 2]
 """
-import argparse
 
-from common import count_macs, median_time
+from common import base_parser, count_macs, median_time
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--model", default="coatnet_0")
+    ap = base_parser(__doc__)
     ap.add_argument("--skip_table", action="store_true")
     args = ap.parse_args()
 
@@ -32,18 +27,18 @@ def main() -> None:
             params = sum(p.size for p in net.trainable_params())
             print(f"{name:<10} {params / 1e6:>11.2f} {count_macs(net, 224) / 1e9:>10.2f}")
 
-    x = np.random.RandomState(0).randn(args.batch_size, 3, 224, 224).astype(np.float32)
+    x = np.random.RandomState(0).randn(args.batch_size, 3, args.image_size, args.image_size).astype(np.float32)
     ms.set_context(mode=ms.GRAPH_MODE, jit_config={"jit_level": "O1"})
-    net = create_model(args.model)
+    net = create_model(args.model, image_size=args.image_size)
     net.set_train(False)
     xt = ms.Tensor(x)
     t_ms = median_time(lambda: net(xt).asnumpy(), args.iters)
-    ref = timm.create_model(TIMM_NAMES[args.model]).eval()
+    ref = timm.create_model(TIMM_NAMES[args.model], img_size=args.image_size).eval()
     xp = torch.from_numpy(x)
     with torch.no_grad():
         t_timm = median_time(lambda: ref(xp), args.iters)
     ours, theirs = args.batch_size / t_ms, args.batch_size / t_timm
-    print(f"inference {args.model} 224 fp32 batch {args.batch_size}, {args.threads} threads, median of "
+    print(f"inference {args.model} {args.image_size} fp32 batch {args.batch_size}, {args.threads} threads, median of "
           f"{args.iters}: MindSpore graph {ours:.2f} img/s, timm eager {theirs:.2f} img/s, "
           f"ratio {ours / theirs:.2f}x")
 

@@ -6,14 +6,13 @@ against timm's equivalent PyTorch step, alternating in one run; then peak RSS of
 Prints img/s of both, the ratio, and the share of the machine's nominal fp32 peak
 (2 cores x 64 FLOP/cycle x 2.3 GHz = 294 GFLOP/s) reached, counting 3 x 2 x MACs per image.
 """
-import argparse
 import os
 import resource
 import subprocess
 import sys
 import time
 
-from common import count_macs
+from common import base_parser, count_macs
 
 PEAK_GFLOPS = 2 * 64 * 2.3
 
@@ -76,12 +75,7 @@ def _time(fn):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="coatnet_0")
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--image_size", type=int, default=224)
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = base_parser(__doc__)
     ap.add_argument("--only", choices=["ours", "timm"], help="run one side alone (for peak RSS)")
     args = ap.parse_args()
 

@@ -63,3 +63,16 @@ def count_macs(net, image_size: int, batch: int = 1) -> int:
     for h in handles:
         h.remove()
     return macs[0] // batch
+
+
+def base_parser(doc: str):
+    """The options every model benchmark shares (model, batch, size, timed iterations, threads)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    ap.add_argument("--model", default="coatnet_0")
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--image_size", type=int, default=224)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    return ap
