@@ -111,8 +111,6 @@ def train(config, run: RunContext, init_weights: Callable[[CoAtNet, object], Non
                          f"{config.batch_size}: no full batch to train on")
     total_steps = steps_per_epoch * config.num_epochs
     lr = lr_schedule(config.lr_max, config.lr_min, config.lr_warmup_epochs, config.num_epochs, steps_per_epoch)
-    # Headroom: an epoch may come out a step longer if files are skipped unevenly across ranks.
-    lr = np.concatenate([lr, np.full(steps_per_epoch, config.lr_min, np.float32)])
     trainable = net.trainable_params()
     optimizer = nn.AdamWeightDecay(param_groups(trainable, config.weight_decay, names),
                                    learning_rate=ms.Tensor(lr), beta1=config.beta1, beta2=config.beta2,

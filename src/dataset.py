@@ -1,0 +1,644 @@
+"""ImageNet input pipeline of the CoAtNet recipe (Dai et al., 2021, https://arxiv.org/abs/2106.04803).
+
+train: RandomResizedCrop (or a plain resize for the 384 fine-tune), horizontal flip, RandAugment, normalise;
+MixUp on the batch with label smoothing folded into the soft targets. val: resize to size / crop_pct and
+center crop (or a plain resize), integer labels. Folder layout root/{train,val}/<class>/*.JPEG; the classes are
+the sorted folder names of root/train.
+
+Decoder safety
+--------------
+MindSpore 2.10's native `vision.Decode` (and `RandomCropDecodeResize`) is not safe on damaged files. Measured
+on a JPEG cut at every byte offset: cut inside the scan data it raises a catchable error, but cut anywhere
+inside the header it kills the process with SIGFPE or SIGSEGV, and cut right after a marker's 0xFF byte it
+spins at 100 % CPU forever. None of these reach Python, so no try/except downstream can save a run.
+
+Design: the native decoder only ever sees bytes whose marker structure Python has parsed completely.
+`ImageFolderDataset(decode=False)` yields each file's bytes; a Python map op (`_SafeImageBytes`, in the map's
+threads) walks the JPEG marker chain from SOI to EOI -- every header segment, and for progressive files the
+tables and scan headers between scans, skipping the entropy-coded data with a C-speed regex (~50-100 us for a
+110 KB file) -- and passes the array on untouched only when every segment is complete and describes what
+libjpeg decodes to RGB: an 8-bit baseline, extended or progressive frame with 1 (grey, decoded to 3 equal
+channels) or 3 components, valid sampling factors, table ids and scan parameters, non-zero size, the tables
+each scan uses, and an EOI marker. Everything else -- PNG/GIF/BMP bytes behind a .JPEG name, CMYK/YCCK,
+12-bit, lossless or arithmetic JPEGs, any truncation -- goes to PIL, which decodes it fully (raising on
+truncation) and converts it to RGB; the result reaches the native decoder as BMP bytes we wrote ourselves
+(lossless, trivially valid). A file PIL cannot read either is corrupt. So the C++ pipeline keeps its speed on
+the clean RGB JPEGs that are nearly all of ImageNet, and never sees a file that crashes it (nor one that makes
+it dump "abnormal_image.jpg" into the working directory, as its error path does). tests/test_dataset.py
+decodes every truncation that the check lets through, natively, in a subprocess; an offline fuzz of 18,000
+accepted truncations and random header mutations of baseline, progressive and grey JPEGs found no crash or
+hang with either Decode or RandomCropDecodeResize (a check that stopped at the first scan let through
+progressive files cut between scans, which do crash).
+
+A corrupt file is skipped by *substitution*, not by `Dataset.filter`: its row is filled with the next readable
+file of the same class folder (same label; in val too), the file is logged once by name and counted by
+`skipped_files()`.
+Dropping the row instead would (1) make `get_dataset_size()` run the whole pipeline, because MindSpore counts
+a filtered dataset by iterating it (minutes to hours on ImageNet, at every call), and (2) give data-parallel
+ranks different batch counts, leaving one rank waiting in an all-reduce forever. With `strict_data=True` the
+first corrupt file stops the run with a one-line error naming it.
+
+Determinism: `create_dataset` sets `mindspore.dataset.config.set_seed(seed)`, which seeds the shuffle, the
+shard split and the C++ random ops (crop, flip); RandAugment and MixUp draw from NumPy generators seeded by
+(seed, shard_id), each in a single-worker map so the draws follow the row order. Two runs with the same seed
+and worker count give the same order and the same augmentations (tested); a different num_parallel_workers
+changes which worker's random stream an image meets. set_seed is process-global: it also reseeds Python's
+`random` and NumPy's global generator, and applies to pipelines created afterwards.
+"""
+import io
+import logging
+import math
+import os
+import re
+import threading
+import warnings
+
+import mindspore.dataset as ds
+import numpy as np
+from mindspore import dtype as mstype
+from mindspore.dataset import transforms, vision
+from PIL import Image
+
+from .rand_augment import RandAugment
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+# ImageFolderDataset matches extensions case-sensitively; ImageNet itself uses .JPEG only.
+IMAGE_EXTENSIONS = (".JPEG", ".jpeg", ".jpg", ".JPG", ".png", ".PNG")
+# PILCUBIC is Pillow's antialiased bicubic in C++ (bit-identical to PIL in our check), which the seed's
+# PIL-based transforms and timm's eval use; OpenCV's BICUBIC differs by ~5 grey levels on a 2x downscale.
+INTERPOLATIONS = {
+    "bicubic": vision.Inter.PILCUBIC,
+    "bilinear": vision.Inter.BILINEAR,
+    "nearest": vision.Inter.NEAREST,
+}
+RANDOM_RESIZED_CROP_SCALE = (0.08, 1.0)
+RANDOM_RESIZED_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+MAX_NATIVE_SIDE = 16384  # larger frames go through PIL (which applies its decompression-bomb limit)
+# RandAugment and MixUp generators are seeded (seed, shard_id, stream) so the two never share a stream
+_RAND_AUGMENT_STREAM, _MIXUP_STREAM = 0, 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# folder layout
+
+
+def _split_dir(data_path: str, split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+    if not os.path.isdir(data_path):
+        raise ValueError(f"data_path {data_path} is not a folder; expected {data_path}/{split}/<class>/*.JPEG.")
+    path = os.path.join(data_path, split)
+    if not os.path.isdir(path):
+        raise ValueError(f"{split} folder {path} does not exist; expected {path}/<class>/*.JPEG.")
+    return path
+
+
+def _is_image_name(name: str) -> bool:
+    return name.endswith(IMAGE_EXTENSIONS)
+
+
+def _has_image(class_dir: str) -> bool:
+    with os.scandir(class_dir) as entries:
+        return any(_is_image_name(e.name) and e.is_file() for e in entries)
+
+
+def _class_folders(split_dir: str) -> list[str]:
+    with os.scandir(split_dir) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+def class_names(data_path: str, split: str = "train") -> list[str]:
+    """Sorted class folder names of data_path/split, after checking the folder is a usable dataset."""
+    split_dir = _split_dir(data_path, split)
+    names = _class_folders(split_dir)
+    if len(names) < 2:
+        raise ValueError(f"{split_dir} has {len(names)} class folder(s); a classification dataset needs at least 2.")
+    for name in names:
+        class_dir = os.path.join(split_dir, name)
+        if not _has_image(class_dir):
+            raise ValueError(
+                f"class folder {class_dir} has no image files (expected *{', *'.join(IMAGE_EXTENSIONS[:3])})."
+            )
+    return names
+
+
+def _class_indexing(data_path: str, split: str, num_classes: int) -> dict[str, int]:
+    """Folder name -> label, from the train classes so val labels agree with the ones the model learned."""
+    names = class_names(data_path, split)
+    source_dir = os.path.join(data_path, split)
+    train_dir = os.path.join(data_path, "train")
+    if split != "train" and os.path.isdir(train_dir):
+        train_names = class_names(data_path, "train")
+        unknown = sorted(set(names) - set(train_names))
+        if unknown:
+            raise ValueError(f"{source_dir} has class folder {unknown[0]!r} that {train_dir} does not have.")
+        names, source_dir = train_names, train_dir
+    if num_classes < len(names):
+        raise ValueError(f"num_classes={num_classes} is smaller than the {len(names)} classes found in {source_dir}.")
+    return {name: index for index, name in enumerate(names)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# decoder safety
+
+
+_SOF_NATIVE = (0xC0, 0xC1, 0xC2)  # baseline, extended sequential, progressive Huffman
+_SOF_OTHER = (0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF)  # lossless, hierarchical, arithmetic
+# The end of entropy-coded data: in it 0xFF is only ever followed by 0x00 (stuffing), a restart marker
+# 0xD0-0xD7 or another 0xFF (fill), so the first 0xFF followed by anything else is the next marker.
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_MAX_BLOCKS_IN_MCU = 10  # libjpeg's limit for an interleaved scan
+
+
+def native_decode_refusal(data: bytes) -> str | None:
+    """None when the native decoder may see `data`, else why it must not (not a JPEG, CMYK, truncated, ...).
+
+    Walks the whole JPEG marker chain -- every header segment, and for progressive files the tables and scan
+    headers between scans -- checking each segment is complete and describes an image libjpeg decodes to
+    RGB, up to the EOI marker (see the module docstring). Cost: a C-speed regex over the entropy data plus a
+    few Python steps per segment.
+    """
+    size = len(data)
+    if size < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return "not a JPEG file"
+    frame: tuple[bool, dict[int, tuple[int, int, int]]] | None = None
+    quant_tables: set[int] = set()
+    huffman_tables: set[tuple[int, int]] = set()
+    scans = 0
+    pos = 2
+    while True:
+        if pos >= size or data[pos] != 0xFF:
+            return "JPEG truncated" if pos >= size else f"JPEG marker chain broken at byte {pos}"
+        while pos < size and data[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos >= size:
+            return "JPEG truncated"
+        marker = data[pos]
+        if marker == 0xD9:
+            return None if scans else "JPEG without image data"
+        if pos + 3 > size:
+            return "JPEG truncated"
+        length = (data[pos + 1] << 8) | data[pos + 2]
+        end = pos + 1 + length
+        if length < 2 or end > size:
+            return "JPEG truncated inside a marker segment"
+        segment = data[pos + 3:end]
+        if marker in _SOF_NATIVE:
+            if frame is not None:
+                return "JPEG with two frame headers"
+            frame, reason = _read_frame(segment, progressive=marker == 0xC2)
+            if reason:
+                return reason
+        elif marker in _SOF_OTHER:
+            return f"JPEG coding process SOF{marker - 0xC0} (lossless, hierarchical or arithmetic)"
+        elif marker == 0xDB:
+            reason = _read_quant_tables(segment, quant_tables)
+            if reason:
+                return reason
+        elif marker == 0xC4:
+            reason = _read_huffman_tables(segment, huffman_tables)
+            if reason:
+                return reason
+        elif marker == 0xDA:
+            reason = _check_scan_header(segment, frame, quant_tables, huffman_tables)
+            if reason:
+                return reason
+            scans += 1
+            found = _NEXT_MARKER.search(data, end)
+            if found is None:
+                return "JPEG truncated (no end-of-image marker)"
+            pos = found.start()
+            continue
+        elif marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            return f"JPEG marker 0x{marker:02X} out of place"
+        pos = end
+
+
+def _read_frame(segment: bytes, progressive: bool):
+    if len(segment) < 6:
+        return None, "JPEG frame header too short"
+    precision, count = segment[0], segment[5]
+    height, width = (segment[1] << 8) | segment[2], (segment[3] << 8) | segment[4]
+    if precision != 8:
+        return None, f"{precision}-bit JPEG"
+    if count not in (1, 3):
+        return None, f"{count}-component JPEG" + (" (CMYK/YCCK)" if count == 4 else "")
+    if len(segment) != 6 + 3 * count:
+        return None, "JPEG frame header with a wrong length"
+    if not (0 < height <= MAX_NATIVE_SIDE and 0 < width <= MAX_NATIVE_SIDE):
+        return None, f"JPEG frame of {width}x{height} pixels"
+    components: dict[int, tuple[int, int, int]] = {}
+    for k in range(count):
+        ident, sampling, table = segment[6 + 3 * k:9 + 3 * k]
+        horizontal, vertical = sampling >> 4, sampling & 15
+        if not (1 <= horizontal <= 4 and 1 <= vertical <= 4) or table > 3 or ident in components:
+            return None, "JPEG frame header with invalid component parameters"
+        components[ident] = (horizontal, vertical, table)
+    max_h = max(h for h, _, _ in components.values())
+    max_v = max(v for _, v, _ in components.values())
+    if any(max_h % h or max_v % v for h, v, _ in components.values()):
+        return None, "JPEG with fractional chroma sampling"
+    return (progressive, components), None
+
+
+def _read_quant_tables(segment: bytes, quant_tables: set[int]) -> str | None:
+    pos = 0
+    while pos < len(segment):
+        precision, table = segment[pos] >> 4, segment[pos] & 15
+        pos += 1 + 64 * (2 if precision else 1)
+        if precision > 1 or table > 3 or pos > len(segment):
+            return "JPEG quantisation table malformed"
+        quant_tables.add(table)
+    return None
+
+
+def _read_huffman_tables(segment: bytes, huffman_tables: set[tuple[int, int]]) -> str | None:
+    pos = 0
+    while pos < len(segment):
+        if pos + 17 > len(segment):
+            return "JPEG Huffman table malformed"
+        table_class, table = segment[pos] >> 4, segment[pos] & 15
+        symbols = sum(segment[pos + 1:pos + 17])
+        pos += 17 + symbols
+        if table_class > 1 or table > 3 or symbols > 256 or pos > len(segment):
+            return "JPEG Huffman table malformed"
+        huffman_tables.add((table_class, table))
+    return None
+
+
+def _check_scan_header(segment, frame, quant_tables, huffman_tables) -> str | None:
+    if frame is None:
+        return "JPEG scan before the frame header"
+    progressive, components = frame
+    count = segment[0] if segment else 0
+    if not 1 <= count <= len(components) or len(segment) != 4 + 2 * count:
+        return "JPEG scan header malformed"
+    spectral_start, spectral_end = segment[1 + 2 * count], segment[2 + 2 * count]
+    high, low = segment[3 + 2 * count] >> 4, segment[3 + 2 * count] & 15
+    if progressive:
+        valid = (spectral_start <= spectral_end <= 63 and high <= 13 and low <= 13
+                 and (spectral_start == 0) == (spectral_end == 0) and (spectral_start == 0 or count == 1))
+    else:
+        valid = spectral_start == 0 and spectral_end == 63 and high == 0 and low == 0
+    if not valid:
+        return "JPEG scan parameters out of range"
+    if any(table not in quant_tables for _, _, table in components.values()):
+        return "JPEG without the quantisation tables its frame uses"
+    idents = [segment[1 + 2 * k] for k in range(count)]
+    if len(set(idents)) != count or any(ident not in components for ident in idents):
+        return "JPEG scan names a component the frame does not have"
+    if count > 1 and sum(components[i][0] * components[i][1] for i in idents) > _MAX_BLOCKS_IN_MCU:
+        return "JPEG scan with too many blocks per MCU"
+    needs_dc = spectral_start == 0 and high == 0  # DC refinement scans carry raw bits, no table
+    needs_ac = spectral_end > 0
+    for k in range(count):
+        tables = segment[2 + 2 * k]
+        if needs_dc and (0, tables >> 4) not in huffman_tables:
+            return "JPEG without the Huffman tables its scan uses"
+        if needs_ac and (1, tables & 15) not in huffman_tables:
+            return "JPEG without the Huffman tables its scan uses"
+    return None
+
+
+def decode_with_pil(data: bytes) -> np.ndarray:
+    """Fully decode `data` with PIL into an RGB uint8 array; PIL's exception if the file is unreadable."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()  # raises on truncation (ImageFile.LOAD_TRUNCATED_IMAGES is False)
+        return np.asarray(image.convert("RGB"))
+
+
+def _as_bmp(pixels: np.ndarray) -> np.ndarray:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "BMP")
+    return np.frombuffer(buffer.getvalue(), dtype=np.uint8)
+
+
+_skipped_lock = threading.Lock()
+_skipped: list[str] = []
+_warned: set[str] = set()
+
+
+def skipped_files() -> list[str]:
+    """Paths of the corrupt files skipped so far in this process, once per time a pipeline met them.
+
+    A file skipped in three epochs is listed three times, so the length difference over an epoch is that
+    epoch's skip count; the warning naming it is logged only the first time.
+    """
+    with _skipped_lock:
+        return list(_skipped)
+
+
+def reset_skipped_files() -> None:
+    """Forget the skipped files (e.g. between independent runs in one process)."""
+    with _skipped_lock:
+        _skipped.clear()
+        _warned.clear()
+
+
+def _record_skip(path: str) -> bool:
+    """Count one skip of `path`; True when it is the first in this process."""
+    with _skipped_lock:
+        _skipped.append(path)
+        first = path not in _warned
+        _warned.add(path)
+        return first
+
+
+class _SafeImageBytes:
+    """Map op over ("image", "label"): bytes the native decoder can take, corrupt files substituted.
+
+    Runs in the map's worker threads (python_multiprocessing=False) so `skipped_files()` sees every skip.
+    """
+
+    def __init__(self, split_dir: str, class_by_label: dict[int, str], strict: bool):
+        self.split_dir = split_dir
+        self.class_by_label = class_by_label
+        self.strict = strict
+        self._substitutes: dict[str, tuple[np.ndarray, str]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, image: np.ndarray, label: np.ndarray):
+        data = image.tobytes()
+        if native_decode_refusal(data) is None:
+            return image, label
+        try:
+            return _as_bmp(decode_with_pil(data)), label
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... on damaged files
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return self._substitute(data, int(label), reason), label
+
+    def _class_files(self, label: int) -> list[str]:
+        class_dir = os.path.join(self.split_dir, self.class_by_label[label])
+        return sorted(os.path.join(class_dir, n) for n in os.listdir(class_dir) if _is_image_name(n))
+
+    def _locate(self, data: bytes, files: list[str]) -> int:
+        """Index of the file holding `data`: ImageFolderDataset does not hand the path to map ops."""
+        for index, path in enumerate(files):
+            if os.path.getsize(path) == len(data):
+                with open(path, "rb") as f:
+                    if f.read() == data:
+                        return index
+        return -1
+
+    def _substitute(self, data: bytes, label: int, reason: str) -> np.ndarray:
+        with self._lock:
+            files = self._class_files(label)
+            index = self._locate(data, files)
+            path = files[index] if index >= 0 else os.path.join(self.split_dir, self.class_by_label[label], "?")
+            if self.strict:
+                message = f"corrupt image file {path}: {reason} (strict_data=True stops on unreadable images)."
+                logger.error(message)
+                raise ValueError(message)
+            if path not in self._substitutes:
+                self._substitutes[path] = self._readable_neighbour(files, index, path)
+            if _record_skip(path):
+                logger.warning(
+                    "skipping corrupt image %s (%s); its slot takes %s", path, reason, self._substitutes[path][1]
+                )
+            return self._substitutes[path][0]
+
+    def _readable_neighbour(self, files: list[str], index: int, path: str) -> tuple[np.ndarray, str]:
+        for step in range(1, len(files)):
+            candidate = files[(index + step) % len(files)]
+            with open(candidate, "rb") as f:
+                data = f.read()
+            if native_decode_refusal(data) is None:
+                return np.frombuffer(data, dtype=np.uint8), candidate
+            try:
+                return _as_bmp(decode_with_pil(data)), candidate
+            except Exception:  # another damaged file: keep looking
+                continue
+        raise ValueError(f"every image in {os.path.dirname(path)} is unreadable; cannot train on this class.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MixUp and label smoothing
+
+
+def mixup_soft_targets(
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    alpha: float,
+    smoothing: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MixUp (Zhang et al., 2018) per sample, with label smoothing in the soft targets.
+
+    Sample i is mixed with sample i - 1 (the batch rolled by one, as the seed's MindSpore MixUp does) with its
+    own lam_i ~ Beta(alpha, alpha); alpha == 0 disables mixing (lam = 1). Returns
+    (mixed images float32, soft targets float32 [B, num_classes], lam float32 [B]) with
+    target_i = lam_i * smooth(y_i) + (1 - lam_i) * smooth(y_{i-1}), smooth(y) = (1 - smoothing) y + smoothing / K.
+    """
+    batch = labels.shape[0]
+    if alpha > 0:
+        lam = rng.beta(alpha, alpha, size=batch).astype(np.float32)
+    else:
+        lam = np.ones(batch, dtype=np.float32)
+    smooth = np.full((batch, num_classes), smoothing / num_classes, dtype=np.float32)
+    smooth[np.arange(batch), labels.astype(np.int64)] += 1.0 - smoothing
+    partner = np.roll(np.arange(batch), 1)
+    lam_images = lam.reshape((batch,) + (1,) * (images.ndim - 1))
+    mixed = images[partner] * (1.0 - lam_images)  # in place from here: a 224 batch is ~20 MB per temporary
+    mixed += lam_images * images
+    targets = lam[:, None] * smooth + (1.0 - lam[:, None]) * smooth[partner]
+    return mixed.astype(np.float32, copy=False), targets.astype(np.float32), lam
+
+
+class _MixUpBatch:
+    """Batch map op applying `mixup_soft_targets` with a generator seeded (seed, shard_id, _MIXUP_STREAM)."""
+
+    def __init__(self, num_classes: int, alpha: float, smoothing: float, seed: int, shard_id: int):
+        self.num_classes = num_classes
+        self.alpha = alpha
+        self.smoothing = smoothing
+        self.rng = np.random.default_rng([seed, shard_id, _MIXUP_STREAM])
+
+    def __call__(self, images: np.ndarray, labels: np.ndarray):
+        mixed, targets, _ = mixup_soft_targets(
+            images, labels, self.num_classes, self.alpha, self.smoothing, self.rng
+        )
+        return mixed, targets
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pipeline
+
+
+def clamp_workers(n: int) -> int:
+    """`n` data workers limited to 1..os.cpu_count(), warning when lowered (MindSpore rejects more)."""
+    cores = os.cpu_count() or 1
+    if n > cores:
+        warnings.warn(
+            f"num_parallel_workers={n} is more than the {cores} CPU cores; using {cores}.", stacklevel=2
+        )
+        return cores
+    return max(1, n)
+
+
+def _check_arguments(split, batch_size, image_size, num_shards, shard_id, mixup_alpha, label_smoothing,
+                     image_mean, image_std, crop_pct, interpolation):
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    if len(image_size) != 2 or min(image_size) < 1:
+        raise ValueError(f"image_size must be (height, width) of positive ints, got {image_size}.")
+    if num_shards < 1 or not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id must be in [0, num_shards={num_shards}), got {shard_id}.")
+    if mixup_alpha < 0:
+        raise ValueError(f"mixup_alpha must be >= 0, got {mixup_alpha}.")
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
+    if len(image_mean) != 3 or len(image_std) != 3 or min(image_std) <= 0:
+        raise ValueError(f"image_mean and image_std need 3 values, std > 0; got {image_mean}, {image_std}.")
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}.")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}.")
+
+
+def eval_resize_size(image_size: tuple[int, int], crop_pct: float) -> int | tuple[int, int]:
+    """Resize target before the eval center crop: the shorter side to floor(size / crop_pct), as timm does.
+
+    A square image_size keeps the aspect ratio (an int size resizes the shorter side); a non-square one
+    resizes both sides (timm's behaviour for a (h, w) input size).
+    """
+    height, width = image_size
+    if height == width:
+        return math.floor(height / crop_pct)
+    return math.floor(height / crop_pct), math.floor(width / crop_pct)
+
+
+def create_dataset(
+    data_path: str,
+    split: str,
+    *,
+    batch_size: int,
+    image_size: tuple[int, int],
+    num_classes: int,
+    center_crop: bool = True,
+    num_parallel_workers: int = 2,
+    num_shards: int = 1,
+    shard_id: int = 0,
+    rand_augment_num_layers: int = 2,
+    rand_augment_magnitude: int = 15,
+    mixup_alpha: float = 0.8,
+    label_smoothing: float = 0.1,
+    image_mean=(0.485, 0.456, 0.406),
+    image_std=(0.229, 0.224, 0.225),
+    crop_pct: float = 0.875,
+    interpolation: str = "bicubic",
+    strict_data: bool = False,
+    shuffle: bool | None = None,
+    seed: int = 0,
+    drop_remainder: bool | None = None,
+) -> ds.Dataset:
+    """Batched ("image", "label") dataset of data_path/split.
+
+    image: float32 [B, 3, H, W], normalised with image_mean / image_std (0-1 scale). label: float32
+    [B, num_classes] soft targets (MixUp + label smoothing) for train, int32 [B] for val. shuffle and
+    drop_remainder default to True for train, False for val. num_shards / shard_id split the files between
+    data-parallel ranks (disjoint when the file count divides evenly; otherwise MindSpore repeats a file
+    to give every shard the same count).
+    """
+    _check_arguments(split, batch_size, image_size, num_shards, shard_id, mixup_alpha, label_smoothing,
+                     image_mean, image_std, crop_pct, interpolation)
+    train = split == "train"
+    class_indexing = _class_indexing(data_path, split, num_classes)
+    workers = clamp_workers(num_parallel_workers)
+    shuffle = train if shuffle is None else shuffle
+    drop_remainder = train if drop_remainder is None else drop_remainder
+    ds.config.set_seed(seed)
+    height, width = image_size
+    resample = INTERPOLATIONS[interpolation]
+
+    split_dir = os.path.join(data_path, split)
+    data = ds.ImageFolderDataset(
+        split_dir,
+        decode=False,
+        shuffle=shuffle,
+        extensions=list(IMAGE_EXTENSIONS),
+        class_indexing=class_indexing,
+        num_shards=num_shards if num_shards > 1 else None,
+        shard_id=shard_id if num_shards > 1 else None,
+        num_parallel_workers=workers,
+    )
+    class_by_label = {index: name for name, index in class_indexing.items()}
+    data = data.map(
+        _SafeImageBytes(split_dir, class_by_label, strict_data),
+        input_columns=["image", "label"],
+        num_parallel_workers=workers,
+        python_multiprocessing=False,
+    )
+
+    if train and center_crop:
+        # one op = Decode + RandomResizedCrop: it decodes only the crop window of a JPEG
+        geometry = [
+            vision.RandomCropDecodeResize(
+                (height, width), RANDOM_RESIZED_CROP_SCALE, RANDOM_RESIZED_CROP_RATIO, resample
+            )
+        ]
+    elif train or not center_crop:
+        geometry = [vision.Decode(), vision.Resize((height, width), resample)]
+    else:
+        geometry = [vision.Decode(), vision.Resize(eval_resize_size(image_size, crop_pct), resample),
+                    vision.CenterCrop((height, width))]
+    flip = [vision.RandomHorizontalFlip()] if train else []
+    data = data.map(geometry + flip, input_columns="image", num_parallel_workers=workers)
+    if train and rand_augment_num_layers > 0:
+        # one worker: RandAugment's generator then draws in the pipeline's row order (see src/rand_augment.py
+        # for why the draws are not native RandomChoice ops); the ops it applies are MindSpore's C++ ones
+        data = data.map(
+            RandAugment(rand_augment_num_layers, rand_augment_magnitude, interpolation,
+                        seed=(seed, shard_id, _RAND_AUGMENT_STREAM)),
+            input_columns="image",
+            num_parallel_workers=1,
+            python_multiprocessing=False,
+        )
+    normalize = [
+        vision.Normalize([255.0 * m for m in image_mean], [255.0 * s for s in image_std]),
+        vision.HWC2CHW(),
+    ]
+    data = data.map(normalize, input_columns="image", num_parallel_workers=workers)
+    data = data.map(transforms.TypeCast(mstype.int32), input_columns="label", num_parallel_workers=1)
+    data = data.batch(batch_size, drop_remainder=drop_remainder, num_parallel_workers=1)
+    if train:
+        # one worker: the MixUp generator then draws in batch order, so the lam sequence is reproducible
+        data = data.map(
+            _MixUpBatch(num_classes, mixup_alpha, label_smoothing, seed, shard_id),
+            input_columns=["image", "label"],
+            num_parallel_workers=1,
+            python_multiprocessing=False,
+        )
+    return data
+
+
+def dataset_from_config(config, split: str, num_shards: int = 1, shard_id: int = 0,
+                        batch_size: int | None = None) -> ds.Dataset:
+    """`create_dataset` with the settings of a config object (default_config.yaml keys)."""
+    if batch_size is None:
+        batch_size = config.batch_size if split == "train" else (config.eval_batch_size or config.batch_size)
+    return create_dataset(
+        config.data_path,
+        split,
+        batch_size=batch_size,
+        image_size=(config.image_height, config.image_width),
+        num_classes=config.num_classes,
+        center_crop=config.center_crop,
+        num_parallel_workers=config.num_parallel_workers,
+        num_shards=num_shards,
+        shard_id=shard_id,
+        rand_augment_num_layers=config.rand_augment_num_layers,
+        rand_augment_magnitude=config.rand_augment_magnitude,
+        mixup_alpha=config.mixup_alpha,
+        label_smoothing=config.label_smoothing,
+        image_mean=tuple(config.image_mean),
+        image_std=tuple(config.image_std),
+        crop_pct=config.crop_pct,
+        interpolation=config.interpolation,
+        strict_data=config.strict_data,
+        seed=config.seed,
+    )
