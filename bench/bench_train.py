@@ -90,6 +90,14 @@ def main() -> None:
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
         return
 
+    # Peak RSS first, each side alone in a child process: with both models (and MindSpore's
+    # compiled graph) alive in this process a child could push the 24 GB machine out of memory.
+    rss = {}
+    for side in ("ours", "timm"):
+        out = subprocess.run([sys.executable, __file__, "--only", side, "--model", args.model, "--batch_size",
+                              str(args.batch_size), "--image_size", str(args.image_size), "--iters", "2",
+                              "--threads", str(args.threads)], capture_output=True, text=True)
+        rss[side] = int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else -1
     ours, net = build_ours(args.model, args.batch_size, args.image_size)
     theirs = build_timm(args.model, args.batch_size, args.image_size)
     for _ in range(2):  # warm-up (graph compile, allocator)
@@ -111,12 +119,6 @@ def main() -> None:
     print(f"  ratio ours/timm: {ips_ours / ips_timm:.2f}x; {gflop_per_img:.1f} GFLOP/img; "
           f"ours {100 * ips_ours * gflop_per_img / PEAK_GFLOPS:.1f}% / timm "
           f"{100 * ips_timm * gflop_per_img / PEAK_GFLOPS:.1f}% of {PEAK_GFLOPS:.0f} GFLOP/s peak")
-    rss = {}
-    for side in ("ours", "timm"):
-        out = subprocess.run([sys.executable, __file__, "--only", side, "--model", args.model, "--batch_size",
-                              str(args.batch_size), "--image_size", str(args.image_size), "--iters", "2",
-                              "--threads", str(args.threads)], capture_output=True, text=True)
-        rss[side] = int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else -1
     print(f"  peak RSS: ours {rss['ours']} MB, timm {rss['timm']} MB")
 
 
