@@ -97,3 +97,24 @@ def test_plot_metrics_draws_the_curves(trained, tmp_path):
     img = Image.open(png)
     assert img.size == (1260, 300)
     assert len(set(img.convert("RGB").getdata())) > 3  # more than background and frame
+
+
+def test_eval_uses_the_preprocessing_recorded_beside_a_checkpoint(trained, tmp_path):
+    # A checkpoint converted from timm carries timm's mean/std/crop_pct in its sidecar (see
+    # src/convert_timm.py); eval.py uses them unless the user sets them explicitly.
+    import shutil
+
+    data, out, _ = trained
+    ckpt = str(tmp_path / "converted.ckpt")
+    shutil.copy(os.path.join(out, "checkpoints", "epoch_0002.ckpt"), ckpt)
+    meta = json.load(open(os.path.join(out, "checkpoints", "epoch_0002.ckpt.json")))
+    meta.update(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], crop_pct=0.95)
+    json.dump(meta, open(ckpt + ".json", "w"))
+    args = [f"--data_path={data}", f"--output_path={tmp_path}", *TINY, "--num_classes=3", f"--checkpoint_path={ckpt}"]
+    args = [a for a in args if not a.startswith("--crop_pct")]
+    run("eval.py", *args)
+    result = json.load(open(tmp_path / "eval_result.json"))
+    assert result["image_mean"] == [0.5, 0.5, 0.5] and result["crop_pct"] == 0.95
+    run("eval.py", *args, "--image_mean=0.4,0.4,0.4")
+    result = json.load(open(tmp_path / "eval_result.json"))
+    assert result["image_mean"] == [0.4, 0.4, 0.4] and result["image_std"] == [0.5, 0.5, 0.5]
