@@ -77,6 +77,11 @@ class _State:
         return int(params["state.epoch"])
 
 
+def _global_step(optimizer) -> int:
+    """Steps taken so far (the optimizer's counter, which also indexes the lr schedule)."""
+    return int(optimizer.global_step.asnumpy().reshape(-1)[0])
+
+
 def resolve_resume(config, ckpt: CheckpointManager) -> str | None:
     if not config.resume:
         return None
@@ -141,7 +146,7 @@ def train(config, run: RunContext, init_weights: Callable[[CoAtNet, object], Non
         ckpt.best_top1 = read_metadata(resume_path).get("best_top1", -1.0)
         metrics.truncate_after(start_epoch)
         logger.info(f"resumed from {resume_path}: epoch {start_epoch}, step "
-                    f"{int(optimizer.global_step.asnumpy().reshape(-1)[0])}")
+                    f"{_global_step(optimizer)}")
     elif config.resume == "auto":
         logger.info("resume=auto: no checkpoint yet, starting from scratch")
 
@@ -164,7 +169,7 @@ def train(config, run: RunContext, init_weights: Callable[[CoAtNet, object], Non
         t_epoch, losses, overflows, n_steps = time.time(), [], 0, 0
         skipped_before = len(skipped_files())
         for images, target in ds.create_tuple_iterator(num_epochs=1):
-            global_step = int(optimizer.global_step.asnumpy().reshape(-1)[0])
+            global_step = _global_step(optimizer)
             loss, finite, scale, _ = step_cell(images, target)
             loss_v, finite_v = float(loss.asnumpy()), bool(finite.asnumpy())
             n_steps += 1
@@ -175,9 +180,9 @@ def train(config, run: RunContext, init_weights: Callable[[CoAtNet, object], Non
             metrics.write(step_log.step(epoch + 1, n_steps, global_step + 1, loss_v, float(lr[global_step]),
                                         float(scale.asnumpy()), finite_v))
         skipped = len(skipped_files()) - skipped_before
-        record = {"type": "epoch", "epoch": epoch + 1, "step": int(optimizer.global_step.asnumpy().reshape(-1)[0]),
-                  "loss": float(np.mean(losses)) if losses else float("nan"), "lr": float(lr[max(
-                      int(optimizer.global_step.asnumpy().reshape(-1)[0]) - 1, 0)]),
+        done = _global_step(optimizer)
+        record = {"type": "epoch", "epoch": epoch + 1, "step": done,
+                  "loss": float(np.mean(losses)) if losses else float("nan"), "lr": float(lr[max(done - 1, 0)]),
                   "loss_scale": float(step_cell.loss_scale.asnumpy()), "overflow_steps": overflows,
                   "skipped_files": skipped, "epoch_time_s": time.time() - t_epoch}
         is_last = epoch + 1 == config.num_epochs
