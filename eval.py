@@ -19,7 +19,6 @@ PREPROCESS_KEYS = ("image_mean", "image_std", "crop_pct", "interpolation")
 
 def evaluate_checkpoint(config, run) -> dict:
     from src.dataset import dataset_from_config
-
     from src.metrics import evaluate
     from src.trainer import build_model
 
