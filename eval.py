@@ -8,11 +8,10 @@ import json
 import os
 
 import src  # noqa: F401  (sets the CPU ISA default before mindspore loads)
-from src.checkpoint import load_checkpoint, load_into, model_weights, read_metadata
-from src.coatnet import resize_rel_pos_tables
+from src.checkpoint import load_into, read_metadata
 from src.model_utils.config import load_config
 from src.model_utils.moxing_adapter import fetch_checkpoint, moxing_wrapper
-from src.utils import cli_main, setup_context
+from src.utils import cli_main, setup_context, weights_for
 
 PREPROCESS_KEYS = ("image_mean", "image_std", "crop_pct", "interpolation")
 
@@ -22,14 +21,12 @@ def evaluate_checkpoint(config, run) -> dict:
     from src.metrics import evaluate
     from src.trainer import build_model
 
-    params = load_checkpoint(config.checkpoint_path)
     meta = read_metadata(config.checkpoint_path)
     for key in PREPROCESS_KEYS:
         if key in meta and key not in config.explicit_keys:
             setattr(config, key, meta[key])
     net = build_model(config)
-    weights = resize_rel_pos_tables(model_weights(params, config.use_ema, config.checkpoint_path), net)
-    load_into(net, weights, config.checkpoint_path)
+    load_into(net, weights_for(net, config.checkpoint_path, config.use_ema), config.checkpoint_path)
     result = evaluate(net, dataset_from_config(config, "val", run.rank_size, run.rank_id), run.rank_size)
     result.update(checkpoint=config.checkpoint_path, use_ema=config.use_ema, model_name=config.model_name,
                   **{k: getattr(config, k) for k in PREPROCESS_KEYS})

@@ -13,11 +13,11 @@ import shutil
 import tempfile
 
 import src  # noqa: F401  (sets the CPU ISA default before mindspore loads)
-from src.checkpoint import load_checkpoint, load_into, model_weights
-from src.coatnet import create_model, prepare_for_export, resize_rel_pos_tables
+from src.checkpoint import load_into
+from src.coatnet import create_model, prepare_for_export
 from src.model_utils.config import ConfigError, load_config
 from src.model_utils.moxing_adapter import fetch_checkpoint, moxing_wrapper
-from src.utils import cli_main, setup_context
+from src.utils import cli_main, setup_context, weights_for
 
 EXTENSIONS = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
 
@@ -63,11 +63,10 @@ def export_checkpoint(config) -> str:
     import mindspore as ms
     import numpy as np
 
-    params = load_checkpoint(config.checkpoint_path)
     size = (config.image_height, config.image_width)
     # No stochastic depth or dropout: the exported graph is the inference network only.
     net = create_model(config.model_name, num_classes=config.num_classes, image_size=size)
-    weights = resize_rel_pos_tables(model_weights(params, config.use_ema, config.checkpoint_path), net)
+    weights = weights_for(net, config.checkpoint_path, config.use_ema)
     load_into(net, weights, f"{config.checkpoint_path} as {config.model_name} with num_classes={config.num_classes}")
     net.set_train(False)
     x = ms.Tensor(np.zeros((config.batch_size, 3, *size), np.float32))

@@ -132,14 +132,22 @@ def cli_main(run, argv=None) -> int:
 HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
 
 
+def weights_for(net: nn.Cell, path: str, use_ema: bool) -> dict:
+    """The model tensors of checkpoint ``path`` (its EMA weights with ``use_ema``), with every
+    relative-position table resized to ``net``'s resolution: what eval, export and fine-tune load."""
+    from src.checkpoint import load_checkpoint, model_weights
+    from src.coatnet import resize_rel_pos_tables
+
+    return resize_rel_pos_tables(model_weights(load_checkpoint(path), use_ema, path), net)
+
+
 def load_pretrained(net: nn.Cell, path: str, use_ema: bool, logger: logging.Logger) -> None:
     """Start fine-tuning from a checkpoint (ours or converted from timm): relative-position tables
     are resized to the model's resolution, the classifier is re-initialised when the number of
     classes differs, and anything else that does not fit is one clear error (another variant)."""
-    from src.checkpoint import CheckpointError, load_checkpoint, load_into, model_weights
-    from src.coatnet import resize_rel_pos_tables
+    from src.checkpoint import CheckpointError, load_into
 
-    weights = resize_rel_pos_tables(model_weights(load_checkpoint(path), use_ema, path), net)
+    weights = weights_for(net, path, use_ema)
     shapes = {p.name: tuple(p.shape) for p in net.get_parameters()}
     head_shape = tuple(np.shape(weights.get(HEAD_KEYS[0], ())))
     if HEAD_KEYS[0] in weights and head_shape[1:] == shapes[HEAD_KEYS[0]][1:] \
