@@ -39,11 +39,15 @@ class _State:
     def __init__(self, net, names, optimizer, step_cell, ema):
         self.net, self.names, self.optimizer, self.step_cell, self.ema = net, names, optimizer, step_cell, ema
 
-    def to_params(self, epoch: int) -> dict:
-        params = {self.names[id(p)]: p for p in self.net.get_parameters()}
+    def _moments(self):
+        """(checkpoint name, moment parameter) of both AdamWeightDecay moments of every weight."""
         for prefix, moments in (("adam_m.", self.optimizer.moments1), ("adam_v.", self.optimizer.moments2)):
             for p, m in zip(self.optimizer.parameters, moments, strict=True):
-                params[prefix + self.names[id(p)]] = m
+                yield prefix + self.names[id(p)], m
+
+    def to_params(self, epoch: int) -> dict:
+        params = {self.names[id(p)]: p for p in self.net.get_parameters()}
+        params.update(self._moments())
         if self.ema is not None:
             for p in self.ema:
                 params[p.name] = p
@@ -57,12 +61,10 @@ class _State:
         from src.checkpoint import load_into, model_weights
 
         load_into(self.net, model_weights(params), source, names=self.names)
-        for prefix, moments in (("adam_m.", self.optimizer.moments1), ("adam_v.", self.optimizer.moments2)):
-            for p, m in zip(self.optimizer.parameters, moments, strict=True):
-                key = prefix + self.names[id(p)]
-                if key not in params:
-                    raise CheckpointError(f"{source} has no optimizer state '{key}': not a training checkpoint")
-                m.set_data(ms.Tensor(params[key]))
+        for key, m in self._moments():
+            if key not in params:
+                raise CheckpointError(f"{source} has no optimizer state '{key}': not a training checkpoint")
+            m.set_data(ms.Tensor(params[key]))
         if self.ema is not None:
             for p in self.ema:
                 # A checkpoint trained without EMA starts the average from its weights.
