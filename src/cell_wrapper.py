@@ -38,8 +38,8 @@ class _NetWithLoss(nn.Cell):
         return self.loss_fn(self.network(images), target)
 
 
-def _unscale(inv_scale, grad):
-    return grad * inv_scale.astype(grad.dtype)
+def _scale_grads(factor, grad):
+    return grad * factor.astype(grad.dtype)
 
 
 def _ema_update(decay, ema, param):
@@ -85,11 +85,13 @@ class TrainStep(nn.Cell):
         grads = self.grad(self.net_with_loss, self.weights)(images, target, sens)
         if self.reducer is not None:
             grads = self.reducer(grads)
-        grads = _hyper_map(ops.partial(_unscale, 1.0 / scale), grads)
+        grads = _hyper_map(ops.partial(_scale_grads, 1.0 / scale), grads)
         finite = ms.amp.all_finite(grads)
         grad_norm = ops.stack([ops.norm(g.astype(ms.float32)) for g in grads]).norm()
         if self.clip:
-            grads = ops.clip_by_global_norm(grads, self.clip_norm)
+            # Same rule as ops.clip_by_global_norm, reusing the norm computed above.
+            factor = self.clip_norm / ops.maximum(grad_norm, self.clip_norm)
+            grads = _hyper_map(ops.partial(_scale_grads, factor), grads)
         if finite:
             loss = ops.depend(loss, self.optimizer(grads))
             if self.use_ema:
