@@ -14,7 +14,7 @@ import tempfile
 
 import src  # noqa: F401  (sets the CPU ISA default before mindspore loads)
 from src.checkpoint import load_into
-from src.coatnet import create_model, prepare_for_export
+from src.coatnet import create_model, prepare_for_export, use_stock_ops
 from src.model_utils.config import ConfigError, load_config
 from src.model_utils.moxing_adapter import fetch_checkpoint, moxing_wrapper
 from src.utils import cli_main, setup_context, weights_for
@@ -40,6 +40,7 @@ def export_network(net, inputs, file_name: str, file_format: str) -> str:
     path = output_path(file_name, file_format)
     if os.path.isdir(path):
         raise ValueError(f"--file_name: {path} is a folder; expected a file name")
+    use_stock_ops(net)  # no Custom op (a library compiled for this machine) in an exported graph
     if file_format == "ONNX":
         prepare_for_export(net)
     folder = os.path.dirname(os.path.abspath(path))

@@ -1,0 +1,103 @@
+"""Fused CPU kernels, compiled from the C++ sources next to this file on first use.
+
+``gelu()`` returns a MindSpore ``Custom`` op (func_type "aot") computing the exact GELU, with its
+gradient as a second ``Custom`` op, or ``None`` when it cannot or should not be used: the device
+target is not CPU, ``COATNET_CPU_KERNELS=0`` is set, or no C++ compiler builds it (then a warning
+says why and the model keeps MindSpore's own ops). Results equal ``ops.gelu(approximate="none")``
+within 1e-6.
+
+The shared library is cached under ``$COATNET_KERNEL_CACHE`` (default ``~/.cache/coatnet_mindspore``),
+keyed by the source, the compiler and the CPU's flags (it is built with ``-march=native``), and is
+written under a temporary name then renamed, so concurrent ranks never load a half-written file.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+__all__ = ["gelu", "kernels_enabled"]
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_FLAGS = ["-std=c++17", "-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
+_log = logging.getLogger(__name__)
+
+
+def kernels_enabled() -> bool:
+    """True when the fused kernels may be used: CPU device target and not disabled by the user."""
+    import mindspore as ms
+
+    if os.environ.get("COATNET_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return ms.get_context("device_target") == "CPU"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+@functools.cache
+def _build(source: str) -> str | None:
+    """Path of the compiled shared library for ``source`` (a file name in this folder), or None."""
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        _log.warning("no C++ compiler found (g++/c++, or $CXX): using MindSpore's stock GELU on CPU (slower)")
+        return None
+    src_path = os.path.join(_HERE, source)
+    with open(src_path, "rb") as f:
+        code = f.read()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(b"\0".join([code, version.encode(), " ".join(_FLAGS).encode(), platform.machine().encode(),
+                                     _cpu_flags().encode()])).hexdigest()[:16]
+    cache = os.path.expanduser(os.environ.get("COATNET_KERNEL_CACHE", "~/.cache/coatnet_mindspore"))
+    lib = os.path.join(cache, f"{os.path.splitext(source)[0]}-{key}.so")
+    if os.path.exists(lib):
+        return lib
+    os.makedirs(cache, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=cache)
+    os.close(fd)
+    try:
+        out = subprocess.run([compiler, *_FLAGS, "-o", tmp, src_path], capture_output=True, text=True)
+        if out.returncode != 0:
+            first = (out.stderr.strip().splitlines() or ["(no output)"])[0]
+            _log.warning("compiling %s failed (%s): using MindSpore's stock GELU on CPU (slower)", src_path, first)
+            return None
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return lib
+
+
+@functools.cache
+def _gelu_ops(lib: str):
+    from mindspore import ops
+
+    backward = ops.Custom(f"{lib}:GeluBackward", out_shape=lambda dy, x: x, out_dtype=lambda dy, x: x,
+                          func_type="aot")
+
+    def bprop(x, out, dout):
+        return (backward(dout, x),)
+
+    return ops.Custom(f"{lib}:GeluForward", out_shape=lambda x: x, out_dtype=lambda x: x, func_type="aot",
+                      bprop=bprop)
+
+
+def gelu():
+    """The fused exact-GELU op for float32 CPU tensors, or None (see the module docstring)."""
+    if not kernels_enabled():
+        return None
+    lib = _build("gelu.cc")
+    return _gelu_ops(lib) if lib else None

@@ -1,0 +1,127 @@
+// Exact GELU, y = x * Phi(x), and its gradient for MindSpore CPU graphs (Custom op, func_type "aot").
+//
+// MindSpore 2.10 on CPU lowers ops.gelu(approximate="none") to a scalar Erf kernel plus a chain of
+// element-wise ops for the gradient; in a CoAtNet-0 train step that was ~30 % of the step time.
+// Here one pass reads x (and dy) and writes y (or dx), on all cores, in a loop the compiler
+// vectorises.
+//
+// erf(z), z >= 0: Abramowitz & Stegun 7.1.26, 1 - t (a1 + t (a2 + ... a5)) exp(-z^2) with
+// t = 1 / (1 + p z), |error| < 1.5e-7. exp(-z^2) also gives the normal density needed by the
+// gradient: d/dx [x Phi(x)] = Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi).
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include <sched.h>
+
+namespace {
+
+// exp(t) for t <= 0: t = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-7 Taylor polynomial
+// (relative error < 1e-8), 2^n built in the exponent bits. Results below 2^-126 flush to 0.
+inline float exp_nonpositive(float t) {
+  t = std::max(t, -87.0f);
+  // Round to nearest by adding and subtracting 1.5 * 2^23 (vectorises, unlike roundf).
+  const float n = (t * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (t - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// Phi(x) and, through *density, phi(x).
+inline float normal_cdf(float x, float *density) {
+  const float z = __builtin_fabsf(x) * 0.70710678118654752f;
+  const float e = exp_nonpositive(-z * z);
+  const float t = 1.0f / (1.0f + 0.3275911f * z);
+  const float poly =
+      t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+  const float half_erfc = 0.5f * poly * e;  // 0.5 erfc(|x| / sqrt 2) = 1 - Phi(|x|)
+  *density = e * 0.39894228040143268f;
+  return x >= 0.0f ? 1.0f - half_erfc : half_erfc;
+}
+
+void gelu_range(const float *__restrict x, float *__restrict y, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    float density;
+    y[i] = x[i] * normal_cdf(x[i], &density);
+  }
+}
+
+void gelu_grad_range(const float *__restrict dy, const float *__restrict x, float *__restrict dx, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    float density;
+    const float cdf = normal_cdf(x[i], &density);
+    dx[i] = dy[i] * (cdf + x[i] * density);
+  }
+}
+
+int cpu_count() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// Runs body(begin, end) over [0, n) in contiguous chunks, one per core (the caller takes the last).
+template <typename Body>
+void parallel_for(int64_t n, Body body) {
+  static const int cores = cpu_count();
+  const int64_t min_chunk = 1 << 16;
+  const int chunks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(cores, n / min_chunk)));
+  const int64_t step = (n + chunks - 1) / chunks;
+  std::vector<std::thread> workers;
+  for (int c = 0; c + 1 < chunks; ++c) workers.emplace_back(body, c * step, std::min(n, (c + 1) * step));
+  body((chunks - 1) * step, n);
+  for (auto &w : workers) w.join();
+}
+
+int64_t element_count(int ndim, const int64_t *shape) {
+  int64_t n = 1;
+  for (int i = 0; i < ndim; ++i) n *= shape[i];
+  return n;
+}
+
+bool all_float32(int nparam, const char **dtypes) {
+  for (int i = 0; i < nparam; ++i)
+    if (std::strcmp(dtypes[i], "float32") != 0 && std::strcmp(dtypes[i], "float") != 0) return false;
+  return true;
+}
+
+}  // namespace
+
+// Inputs: x. Output: y.
+extern "C" int GeluForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                           void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 2 || !all_float32(nparam, dtypes)) return 1;
+  const auto *x = static_cast<const float *>(params[0]);
+  auto *y = static_cast<float *>(params[1]);
+  parallel_for(element_count(ndims[0], shapes[0]),
+               [=](int64_t begin, int64_t end) { gelu_range(x, y, begin, end); });
+  return 0;
+}
+
+// Inputs: dy, x. Output: dx.
+extern "C" int GeluBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                            void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 3 || !all_float32(nparam, dtypes)) return 1;
+  const auto *dy = static_cast<const float *>(params[0]);
+  const auto *x = static_cast<const float *>(params[1]);
+  auto *dx = static_cast<float *>(params[2]);
+  parallel_for(element_count(ndims[1], shapes[1]),
+               [=](int64_t begin, int64_t end) { gelu_grad_range(dy, x, dx, begin, end); });
+  return 0;
+}
