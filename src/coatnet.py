@@ -267,17 +267,41 @@ class Downsample2d(nn.Cell):
         return x
 
 
+def spatial_mean(x):
+    """Mean over H and W of an NCHW tensor, keeping the dims: (B, C, 1, 1).
+
+    A matrix-vector product, not ReduceMean: MindSpore 2.10's CPU ReduceMean over (2, 3) and the
+    Tile of its gradient took ~7x longer than GEMV on the SE inputs of CoAtNet-0."""
+    b, c, h, w = x.shape
+    weights = ops.full((h * w, 1), 1.0 / (h * w), dtype=x.dtype)
+    return ops.matmul(x.reshape(b * c, h * w), weights).reshape(b, c, 1, 1)
+
+
+class ChannelGate(nn.Cell):
+    """``x * gate`` for a (B, C, 1, 1) gate, whose gradient sums ``dout * x`` over H, W with a
+    matrix-vector product (the broadcast-multiply gradient MindSpore derives is a slow CPU ReduceSum)."""
+
+    def construct(self, x, gate):
+        return x * gate
+
+    def bprop(self, x, gate, out, dout):
+        b, c, h, w = x.shape
+        ones = ops.ones((h * w, 1), x.dtype)
+        dgate = ops.matmul((dout * x).reshape(b * c, h * w), ones).reshape(b, c, 1, 1)
+        return dout * gate, dgate
+
+
 class SqueezeExcite(nn.Cell):
     def __init__(self, channels: int, rd_channels: int, act: str):
         super().__init__()
         self.fc1 = nn.Conv2d(channels, rd_channels, 1, has_bias=True)
         self.act = _act(act)
         self.fc2 = nn.Conv2d(rd_channels, channels, 1, has_bias=True)
+        self.gate = ChannelGate()
 
     def construct(self, x):
-        s = x.mean(axis=(2, 3), keep_dims=True)
-        s = self.fc2(self.act(self.fc1(s)))
-        return x * ops.sigmoid(s)
+        s = self.fc2(self.act(self.fc1(spatial_mean(x))))
+        return self.gate(x, ops.sigmoid(s))
 
 
 class MBConvBlock(nn.Cell):
@@ -344,11 +368,24 @@ class RelPosBias(nn.Cell):
             name="relative_position_bias_table")
         area = window[0] * window[1]
         self.index = Tensor(rel_pos_index(window).reshape(-1), ms.int32)
-        self.bias_shape = (area, area, num_heads)
+        self.bias_shape = (num_heads, area, area)
 
     def construct(self):
-        bias = ops.gather(self.relative_position_bias_table, self.index, 0)
-        return bias.reshape(self.bias_shape).transpose(2, 0, 1).expand_dims(0)
+        # Transpose the small table, not the gathered (heads, HW, HW) bias.
+        bias = ops.gather(self.relative_position_bias_table.transpose(1, 0), self.index, 1)
+        return bias.reshape(self.bias_shape).expand_dims(0)
+
+
+class BatchBroadcastAdd(nn.Cell):
+    """``x + bias`` for a bias broadcast over the batch axis (shape (1, ...)), whose gradient sums
+    over the batch with a matrix-vector product (MindSpore's derived ReduceSum is slow on CPU)."""
+
+    def construct(self, x, bias):
+        return x + bias
+
+    def bprop(self, x, bias, out, dout):
+        ones = ops.ones((1, dout.shape[0]), dout.dtype)
+        return dout, ops.matmul(ones, dout.reshape(dout.shape[0], -1)).reshape(bias.shape)
 
 
 class Attention2d(nn.Cell):
@@ -363,17 +400,21 @@ class Attention2d(nn.Cell):
         self.qkv = nn.Conv2d(dim, dim_attn * 3, 1, has_bias=True)
         self.rel_pos = RelPosBias(window, self.num_heads)
         self.proj = nn.Conv2d(dim_attn, dim_out, 1, has_bias=True)
+        # Transposed operands via the matmul flags: no (B, heads, N, N) transposes, forward or backward.
+        self.matmul_tn = ops.BatchMatMul(transpose_a=True)
+        self.matmul_nt = ops.BatchMatMul(transpose_b=True)
+        self.add_bias = BatchBroadcastAdd()
 
     def construct(self, x):
         b, _, h, w = x.shape
         # Channel layout of qkv is head-major: (head, [q|k|v], dim_head), as timm's head_first.
         qkv = self.qkv(x).reshape(b, self.num_heads, self.dim_head * 3, h * w)
         q, k, v = ops.split(qkv, self.dim_head, axis=2)
-        attn = ops.matmul((q * self.scale).swapaxes(-2, -1), k)  # B, heads, N, N
+        attn = self.matmul_tn(q * self.scale, k)  # q^T k: B, heads, N, N
         # Softmax and the bias add in float32: safe under float16 mixed precision.
-        attn = attn.astype(ms.float32) + self.rel_pos()
+        attn = self.add_bias(attn.astype(ms.float32), self.rel_pos())
         attn = ops.softmax(attn, axis=-1).astype(v.dtype)
-        out = ops.matmul(v, attn.swapaxes(-2, -1)).reshape(b, -1, h, w)
+        out = self.matmul_nt(v, attn).reshape(b, -1, h, w)  # v attn^T
         return self.proj(out)
 
 
@@ -480,7 +521,7 @@ class NormMlpHead(nn.Cell):
         self.fc = nn.Dense(hidden, num_classes)
 
     def construct(self, x):
-        x = self.norm(x.mean(axis=(2, 3), keep_dims=True)).reshape(x.shape[0], -1)
+        x = self.norm(spatial_mean(x)).reshape(x.shape[0], -1)
         x = self.pre_logits(x)
         if self.drop is not None:
             x = self.drop(x)
@@ -506,7 +547,7 @@ class ClassifierHead(nn.Cell):
         self.fc = nn.Dense(dim, num_classes)
 
     def construct(self, x):
-        x = x.mean(axis=(2, 3))
+        x = spatial_mean(x).reshape(x.shape[0], -1)
         if self.drop is not None:
             x = self.drop(x)
         return self.fc(x)
