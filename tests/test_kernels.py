@@ -10,7 +10,7 @@ import pytest
 from mindspore import nn, ops
 
 from src import kernels
-from src.coatnet import GELU, create_model, use_stock_ops
+from src.coatnet import GELU, DepthwiseConv2d, create_model, use_stock_ops
 
 
 class _Fused(nn.Cell):
@@ -65,16 +65,16 @@ def test_fused_gelu_matches_exact_gelu_forward_and_gradient(mode):
     assert errors["stock"][0] <= 1e-6 and errors["stock"][1] <= 2e-6, errors
 
 
-def test_model_uses_fused_gelu_and_stock_ops_give_the_same_gradients():
+def test_model_uses_fused_kernels_and_stock_ops_give_the_same_gradients():
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_seed(0)
     fused_net = create_model("coatnet_tiny", num_classes=5, image_size=32)
-    gelus = [c for _, c in fused_net.cells_and_names() if isinstance(c, GELU)]
-    assert gelus and all(g.fused is not None for g in gelus)
+    fusable = [c for _, c in fused_net.cells_and_names() if isinstance(c, (GELU, DepthwiseConv2d))]
+    assert len(fusable) > 4 and all(c.fused is not None for c in fusable)
     stock_net = create_model("coatnet_tiny", num_classes=5, image_size=32)
     ms.load_param_into_net(stock_net, {p.name: p for p in fused_net.get_parameters()}, strict_load=True)
     assert use_stock_ops(stock_net) is stock_net
-    assert all(c.fused is None for _, c in stock_net.cells_and_names() if isinstance(c, GELU))
+    assert all(c.fused is None for _, c in stock_net.cells_and_names() if isinstance(c, (GELU, DepthwiseConv2d)))
 
     x = ms.Tensor(np.random.RandomState(0).randn(4, 3, 32, 32).astype(np.float32))
     outs = []
@@ -102,7 +102,7 @@ def test_without_a_working_compiler_warns_and_falls_back(monkeypatch, tmp_path, 
     try:
         with caplog.at_level(logging.WARNING, logger="src.kernels"):
             assert kernels.gelu() is None
-        assert "compiling" in caplog.text and "gelu.cc" in caplog.text and "stock GELU" in caplog.text
+        assert "compiling" in caplog.text and "gelu.cc" in caplog.text and "stock ops" in caplog.text
         assert os.listdir(tmp_path) == []  # no half-built library left behind
     finally:
         kernels._build.cache_clear()
@@ -119,3 +119,46 @@ def test_library_is_built_once_per_source_compiler_and_cpu(monkeypatch, tmp_path
         assert kernels._build("gelu.cc") == lib and os.stat(lib).st_mtime_ns == stamp
     finally:
         kernels._build.cache_clear()
+
+
+class _DwFused(nn.Cell):
+    def __init__(self, stride):
+        super().__init__()
+        self.op = kernels.depthwise_conv3x3(stride)
+
+    def construct(self, x, w):
+        return self.op(x, w)
+
+
+class _DwStock(nn.Cell):
+    def __init__(self, channels, stride):
+        super().__init__()
+        self.conv = ops.Conv2D(channels, 3, stride=stride, pad_mode="pad", pad=1, group=channels)
+
+    def construct(self, x, w):
+        return self.conv(x, w)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 3, 7, 5), (3, 2, 1, 1), (1, 4, 1, 6), (2, 2, 2, 2), (2, 40, 30, 33)])
+def test_fused_depthwise_conv_equals_stock_forward_and_gradients(shape, stride):
+    ms.set_context(mode=ms.GRAPH_MODE)
+    rng = np.random.RandomState(0)
+    x = ms.Tensor(rng.randn(*shape).astype(np.float32))
+    w = ms.Tensor(rng.randn(shape[1], 1, 3, 3).astype(np.float32))
+    out_shape = (*shape[:2], (shape[2] - 1) // stride + 1, (shape[3] - 1) // stride + 1)
+    dy = ms.Tensor(rng.randn(*out_shape).astype(np.float32))
+    results = []
+    for cell in (_DwFused(stride), _DwStock(shape[1], stride)):
+        y, vjp_fn = ms.vjp(cell, x, w)
+        dx, dw = vjp_fn(dy)
+        results.append((y.asnumpy(), dx.asnumpy(), dw.asnumpy()))
+    assert results[1][0].shape == out_shape
+    for fused, stock in zip(results[0], results[1], strict=True):
+        assert fused.shape == stock.shape
+        np.testing.assert_allclose(fused, stock, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(stock).max()))
+
+
+def test_depthwise_stride_other_than_1_or_2_is_refused():
+    with pytest.raises(ValueError, match="stride must be 1 or 2, got 3"):
+        kernels.depthwise_conv3x3(3)

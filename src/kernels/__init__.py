@@ -1,10 +1,10 @@
 """Fused CPU kernels, compiled from the C++ sources next to this file on first use.
 
-``gelu()`` returns a MindSpore ``Custom`` op (func_type "aot") computing the exact GELU, with its
-gradient as a second ``Custom`` op, or ``None`` when it cannot or should not be used: the device
-target is not CPU, ``COATNET_CPU_KERNELS=0`` is set, or no C++ compiler builds it (then a warning
-says why and the model keeps MindSpore's own ops). Results equal ``ops.gelu(approximate="none")``
-within 1e-6.
+``gelu()`` and ``depthwise_conv3x3()`` return MindSpore ``Custom`` ops (func_type "aot") with
+their gradients as further ``Custom`` ops, or ``None`` when they cannot or should not be used: the
+device target is not CPU, ``COATNET_CPU_KERNELS=0`` is set, or no C++ compiler builds them (then a
+warning says why and the model keeps MindSpore's own ops). Results equal the stock ops' within
+float32 rounding (tests/test_kernels.py).
 
 The shared library is cached under ``$COATNET_KERNEL_CACHE`` (default ``~/.cache/coatnet_mindspore``),
 keyed by the source, the compiler and the CPU's flags (it is built with ``-march=native``), and is
@@ -21,10 +21,10 @@ import shutil
 import subprocess
 import tempfile
 
-__all__ = ["gelu", "kernels_enabled"]
+__all__ = ["depthwise_conv3x3", "gelu", "kernels_enabled"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_FLAGS = ["-std=c++17", "-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
+_FLAGS = ["-std=c++17", "-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-pthread"]
 _log = logging.getLogger(__name__)
 
 
@@ -72,7 +72,7 @@ def _build(source: str) -> str | None:
         out = subprocess.run([compiler, *_FLAGS, "-o", tmp, src_path], capture_output=True, text=True)
         if out.returncode != 0:
             first = (out.stderr.strip().splitlines() or ["(no output)"])[0]
-            _log.warning("compiling %s failed (%s): using MindSpore's stock GELU on CPU (slower)", src_path, first)
+            _log.warning("compiling %s failed (%s): using MindSpore's stock ops on CPU (slower)", src_path, first)
             return None
         os.replace(tmp, lib)
     finally:
@@ -101,3 +101,34 @@ def gelu():
         return None
     lib = _build("gelu.cc")
     return _gelu_ops(lib) if lib else None
+
+
+@functools.cache
+def _depthwise_ops(lib: str, stride: int):
+    from mindspore import ops
+
+    backward_input = ops.Custom(f"{lib}:DwConv3x3BackwardInput", out_shape=lambda dy, w, x: x,
+                                out_dtype=lambda dy, w, x: x, func_type="aot")
+    backward_filter = ops.Custom(f"{lib}:DwConv3x3BackwardFilter", out_shape=lambda dy, x: [x[1], 1, 3, 3],
+                                 out_dtype=lambda dy, x: x, func_type="aot")
+
+    def bprop(x, weight, out, dout):
+        return backward_input(dout, weight, x), backward_filter(dout, x)
+
+    def out_shape(x, w):
+        return [x[0], x[1], (x[2] - 1) // stride + 1, (x[3] - 1) // stride + 1]
+
+    # One function name per stride: MindSpore keys a Custom op's shape inference by its name.
+    return ops.Custom(f"{lib}:DwConv3x3Stride{stride}Forward", out_shape=out_shape, out_dtype=lambda x, w: x,
+                      func_type="aot", bprop=bprop)
+
+
+def depthwise_conv3x3(stride: int = 1):
+    """The fused depthwise 3x3 convolution (padding 1, no bias, ``stride`` 1 or 2) for float32 CPU
+    tensors, called as ``op(x, weight)`` with weight (C, 1, 3, 3), or None (see the module docstring)."""
+    if stride not in (1, 2):
+        raise ValueError(f"depthwise_conv3x3: stride must be 1 or 2, got {stride}")
+    if not kernels_enabled():
+        return None
+    lib = _build("dwconv.cc")
+    return _depthwise_ops(lib, stride) if lib else None
