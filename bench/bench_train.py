@@ -1,13 +1,24 @@
 """Training-step benchmark: our full compiled train step (loss scale check, clip-norm, AdamW, EMA)
-against timm's equivalent PyTorch step, alternating in one run; then peak RSS of each alone.
+against timm's equivalent PyTorch step.
 
     .venv/bin/python bench/bench_train.py [--model coatnet_0] [--batch_size 8] [--iters 5] [--threads 2]
 
-Prints img/s of both, the ratio, and the share of the machine's nominal fp32 peak
-(2 cores x 64 FLOP/cycle x 2.3 GHz = 294 GFLOP/s) reached, counting 3 x 2 x MACs per image.
+1. Each side alone in its own child process (img/s = batch / median step time after 2 warm-up
+   steps, and peak RSS), under both oneDNN ISA settings: ours with this suite's default
+   ``ONEDNN_MAX_CPU_ISA=AVX2`` and with ``ALL`` (oneDNN's own default, which on AVX-512 CPUs picks
+   a reference-speed convolution path in MindSpore 2.10; fewer steps, it is slow), timm with
+   ``AVX2`` and with the variable unset (PyTorch's default).
+2. Both sides alternating step by step in this process (``AVX2``), so both see the same machine
+   state. Note: in one process MindSpore's idle worker threads share the cores with PyTorch.
+
+Prints img/s, ratios and the share of the machine's nominal fp32 peak (2 cores x 64 FLOP/cycle x
+2.3 GHz = 294 GFLOP/s) reached, counting 3 x 2 x MACs per image. ``--only ours|timm`` runs one side
+(step 1's child) and prints its figures as JSON.
 """
+import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -74,10 +85,29 @@ def _time(fn):
     return time.perf_counter() - t
 
 
+def _alone(side: str, args, isa: str | None, iters: int) -> dict:
+    """Run ``--only side`` in a child process with ONEDNN_MAX_CPU_ISA=isa (None: unset)."""
+    env = dict(os.environ)
+    env.pop("ONEDNN_MAX_CPU_ISA", None)
+    if isa is not None:
+        env["ONEDNN_MAX_CPU_ISA"] = isa
+    else:
+        env["BENCH_ISA_UNSET"] = "1"  # src sets AVX2 on import; the child drops it again
+    cmd = [sys.executable, __file__, "--only", side, "--model", args.model, "--batch_size", str(args.batch_size),
+           "--image_size", str(args.image_size), "--iters", str(iters), "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = base_parser(__doc__)
     ap.add_argument("--only", choices=["ours", "timm"], help="run one side alone (for peak RSS)")
+    ap.add_argument("--slow_isa_iters", type=int, default=2, help="timed steps of ours under ONEDNN_MAX_CPU_ISA=ALL")
     args = ap.parse_args()
+    if os.environ.pop("BENCH_ISA_UNSET", None):
+        os.environ.pop("ONEDNN_MAX_CPU_ISA", None)  # before any oneDNN (MindSpore's or PyTorch's) runs
 
     import torch
 
@@ -85,19 +115,20 @@ def main() -> None:
     if args.only:
         fn = build_ours(args.model, args.batch_size, args.image_size)[0] if args.only == "ours" else \
             build_timm(args.model, args.batch_size, args.image_size)
-        for _ in range(args.iters + 2):
+        for _ in range(2):
             fn()
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+        times = [_time(fn) for _ in range(args.iters)]
+        print(json.dumps({"img_s": args.batch_size / statistics.median(times),
+                          "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+                          "isa": os.environ.get("ONEDNN_MAX_CPU_ISA")}))
         return
 
-    # Peak RSS first, each side alone in a child process: with both models (and MindSpore's
-    # compiled graph) alive in this process a child could push the 24 GB machine out of memory.
-    rss = {}
-    for side in ("ours", "timm"):
-        out = subprocess.run([sys.executable, __file__, "--only", side, "--model", args.model, "--batch_size",
-                              str(args.batch_size), "--image_size", str(args.image_size), "--iters", "2",
-                              "--threads", str(args.threads)], capture_output=True, text=True)
-        rss[side] = int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else -1
+    # Alone first, each in a child process: with both models (and MindSpore's compiled graph) alive
+    # in this process a child could push the machine out of memory.
+    alone = {("ours", "AVX2"): _alone("ours", args, "AVX2", args.iters),
+             ("timm", "AVX2"): _alone("timm", args, "AVX2", args.iters),
+             ("timm", None): _alone("timm", args, None, args.iters),
+             ("ours", "ALL"): _alone("ours", args, "ALL", args.slow_isa_iters)}
     ours, net = build_ours(args.model, args.batch_size, args.image_size)
     theirs = build_timm(args.model, args.batch_size, args.image_size)
     for _ in range(2):  # warm-up (graph compile, allocator)
@@ -107,19 +138,35 @@ def main() -> None:
     for _ in range(args.iters):  # alternate so both see the same machine state
         t_ours.append(_time(ours))
         t_timm.append(_time(theirs))
-    import statistics
-
     ips_ours = args.batch_size / statistics.median(t_ours)
     ips_timm = args.batch_size / statistics.median(t_timm)
     gflop_per_img = 3 * 2 * count_macs(net, args.image_size) / 1e9
+
+    def peak(ips: float) -> str:
+        return f"{100 * ips * gflop_per_img / PEAK_GFLOPS:.1f}% of peak"
+
+    def show(key) -> str:
+        r = alone[key]
+        return r["error"] if "error" in r else f"{r['img_s']:.2f} img/s ({peak(r['img_s'])}), peak RSS {r['rss_mb']} MB"
+
     print(f"train step {args.model} {args.image_size} fp32 batch {args.batch_size}, {args.threads} threads, "
-          f"median of {args.iters}, ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA')}")
-    print(f"  ours (MindSpore graph, loss scale + clip + AdamW + EMA): {ips_ours:.2f} img/s")
-    print(f"  timm (PyTorch eager, clip + AdamW + EMA):              {ips_timm:.2f} img/s")
-    print(f"  ratio ours/timm: {ips_ours / ips_timm:.2f}x; {gflop_per_img:.1f} GFLOP/img; "
-          f"ours {100 * ips_ours * gflop_per_img / PEAK_GFLOPS:.1f}% / timm "
-          f"{100 * ips_timm * gflop_per_img / PEAK_GFLOPS:.1f}% of {PEAK_GFLOPS:.0f} GFLOP/s peak")
-    print(f"  peak RSS: ours {rss['ours']} MB, timm {rss['timm']} MB")
+          f"median of {args.iters}; {gflop_per_img:.1f} GFLOP/img, peak {PEAK_GFLOPS:.0f} GFLOP/s; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print("each side alone (own process):")
+    print(f"  ours, ONEDNN_MAX_CPU_ISA=AVX2 (default): {show(('ours', 'AVX2'))}")
+    print(f"  ours, ONEDNN_MAX_CPU_ISA=ALL:            {show(('ours', 'ALL'))} [median of {args.slow_isa_iters}]")
+    print(f"  timm, ONEDNN_MAX_CPU_ISA unset:          {show(('timm', None))}")
+    print(f"  timm, ONEDNN_MAX_CPU_ISA=AVX2:           {show(('timm', 'AVX2'))}")
+    good = [alone[k] for k in (("ours", "AVX2"), ("ours", "ALL"), ("timm", None), ("timm", "AVX2"))]
+    if all("error" not in r for r in good):
+        best_timm = max(good[2]["img_s"], good[3]["img_s"])
+        print(f"  ratio ours(AVX2)/best timm: {good[0]['img_s'] / best_timm:.2f}x; "
+              f"ours AVX2/ALL: {good[0]['img_s'] / good[1]['img_s']:.1f}x; "
+              f"RSS ours/timm: {good[0]['rss_mb'] / good[2]['rss_mb']:.2f}x")
+    print(f"alternating in one process (ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA')}):")
+    print(f"  ours (MindSpore graph, loss scale + clip + AdamW + EMA): {ips_ours:.2f} img/s ({peak(ips_ours)})")
+    print(f"  timm (PyTorch eager, clip + AdamW + EMA):              {ips_timm:.2f} img/s ({peak(ips_timm)})")
+    print(f"  ratio ours/timm: {ips_ours / ips_timm:.2f}x")
 
 
 if __name__ == "__main__":
