@@ -6,8 +6,11 @@ all-reduce (data parallel) -> unscale -> overflow check -> clip by global norm -
 ``scale_factor``; after ``scale_window`` good steps in a row it grows by ``scale_factor``.
 
 MindSpore's ``nn.TrainOneStepWithLossScaleCell`` cannot be used: on CPU its overflow check needs
-NPUGetFloatStatusV2 ("Unsupported op [NPUGetFloatStatusV2] on CPU"); ``ms.amp.all_finite`` works
-on every device.
+NPUGetFloatStatusV2 ("Unsupported op [NPUGetFloatStatusV2] on CPU"). The check here is that the
+global gradient norm (needed for clipping anyway) is finite: an inf or NaN anywhere makes it inf or
+NaN. It also flags finite gradients whose norm overflows float32 (> 3.4e38), which no useful step
+has. Unlike ``ms.amp.all_finite`` (an IsFinite + ReduceAll per tensor, ~3 % of a CoAtNet-0 CPU
+step) it costs one scalar op, on every device.
 """
 from __future__ import annotations
 
@@ -86,8 +89,8 @@ class TrainStep(nn.Cell):
         if self.reducer is not None:
             grads = self.reducer(grads)
         grads = _hyper_map(ops.partial(_scale_grads, 1.0 / scale), grads)
-        finite = ms.amp.all_finite(grads)
         grad_norm = ops.stack([ops.norm(g.astype(ms.float32)) for g in grads]).norm()
+        finite = ops.isfinite(grad_norm)
         if self.clip:
             # Same rule as ops.clip_by_global_norm, reusing the norm computed above.
             factor = self.clip_norm / ops.maximum(grad_norm, self.clip_norm)

@@ -295,17 +295,43 @@ def spatial_mean(x):
 
 
 class ChannelGate(nn.Cell):
-    """``x * gate`` for a (B, C, 1, 1) gate, whose gradient sums ``dout * x`` over H, W with a
+    """``x * gate`` for a (B, C, 1, 1) gate. On CPU (float32) forward and backward are fused kernels
+    (``src.kernels.channel_gate``); otherwise the gradient sums ``dout * x`` over H, W with a
     matrix-vector product (the broadcast-multiply gradient MindSpore derives is a slow CPU ReduceSum)."""
 
+    def __init__(self):
+        super().__init__()
+        self.fused = kernels.channel_gate()
+
     def construct(self, x, gate):
+        if self.fused is not None and x.dtype == ms.float32:
+            return self.fused[0](x, gate)
         return x * gate
 
     def bprop(self, x, gate, out, dout):
+        if self.fused is not None and x.dtype == ms.float32:
+            return self.fused[1](dout, x, gate)
         b, c, h, w = x.shape
         ones = ops.ones((h * w, 1), x.dtype)
         dgate = ops.matmul((dout * x).reshape(b * c, h * w), ones).reshape(b, c, 1, 1)
         return dout * gate, dgate
+
+
+class Softmax(nn.Cell):
+    """Softmax over the last axis whose gradient is one fused pass on CPU (float32,
+    ``src.kernels.softmax_grad``), else ``y * (dy - sum(dy * y))``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fused = kernels.softmax_grad()
+
+    def construct(self, x):
+        return ops.softmax(x, axis=-1)
+
+    def bprop(self, x, out, dout):
+        if self.fused is not None and out.dtype == ms.float32:
+            return (self.fused(out, dout),)
+        return (out * (dout - (dout * out).sum(axis=-1, keepdims=True)),)
 
 
 class SqueezeExcite(nn.Cell):
@@ -421,6 +447,7 @@ class Attention2d(nn.Cell):
         self.matmul_tn = ops.BatchMatMul(transpose_a=True)
         self.matmul_nt = ops.BatchMatMul(transpose_b=True)
         self.add_bias = BatchBroadcastAdd()
+        self.softmax = Softmax()
 
     def construct(self, x):
         b, _, h, w = x.shape
@@ -430,7 +457,7 @@ class Attention2d(nn.Cell):
         attn = self.matmul_tn(q * self.scale, k)  # q^T k: B, heads, N, N
         # Softmax and the bias add in float32: safe under float16 mixed precision.
         attn = self.add_bias(attn.astype(ms.float32), self.rel_pos())
-        attn = ops.softmax(attn, axis=-1).astype(v.dtype)
+        attn = self.softmax(attn).astype(v.dtype)
         out = self.matmul_nt(v, attn).reshape(b, -1, h, w)  # v attn^T
         return self.proj(out)
 
@@ -780,12 +807,12 @@ class ExportLayerNorm2d(nn.Cell):
 
 
 def use_stock_ops(net: nn.Cell) -> nn.Cell:
-    """Make every GELU and depthwise convolution of ``net`` use MindSpore's own ops instead of the
-    fused CPU kernels, so a graph exported from it runs anywhere (a Custom op would tie it to this
-    machine's compiled library).
-    Call before the network's first graph-mode call or export; returns ``net``."""
+    """Make every cell of ``net`` with a fused CPU kernel (GELU, depthwise convolution, SE gate,
+    attention softmax) use MindSpore's own ops instead, so a graph exported from it runs anywhere (a
+    Custom op would tie it to this machine's compiled library). Call before the network's first
+    graph-mode call or export; returns ``net``."""
     for _, cell in net.cells_and_names():
-        if isinstance(cell, (GELU, DepthwiseConv2d)):
+        if isinstance(cell, (GELU, DepthwiseConv2d, ChannelGate, Softmax)):
             cell.fused = None
     return net
 

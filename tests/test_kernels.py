@@ -10,7 +10,9 @@ import pytest
 from mindspore import nn, ops
 
 from src import kernels
-from src.coatnet import GELU, DepthwiseConv2d, create_model, use_stock_ops
+from src.coatnet import GELU, ChannelGate, DepthwiseConv2d, Softmax, create_model, use_stock_ops
+
+FUSED_CELLS = (GELU, DepthwiseConv2d, ChannelGate, Softmax)
 
 
 class _Fused(nn.Cell):
@@ -69,12 +71,12 @@ def test_model_uses_fused_kernels_and_stock_ops_give_the_same_gradients():
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_seed(0)
     fused_net = create_model("coatnet_tiny", num_classes=5, image_size=32)
-    fusable = [c for _, c in fused_net.cells_and_names() if isinstance(c, (GELU, DepthwiseConv2d))]
-    assert len(fusable) > 4 and all(c.fused is not None for c in fusable)
+    fusable = [c for _, c in fused_net.cells_and_names() if isinstance(c, FUSED_CELLS)]
+    assert {type(c) for c in fusable} == set(FUSED_CELLS) and all(c.fused is not None for c in fusable)
     stock_net = create_model("coatnet_tiny", num_classes=5, image_size=32)
     ms.load_param_into_net(stock_net, {p.name: p for p in fused_net.get_parameters()}, strict_load=True)
     assert use_stock_ops(stock_net) is stock_net
-    assert all(c.fused is None for _, c in stock_net.cells_and_names() if isinstance(c, (GELU, DepthwiseConv2d)))
+    assert all(c.fused is None for _, c in stock_net.cells_and_names() if isinstance(c, FUSED_CELLS))
 
     x = ms.Tensor(np.random.RandomState(0).randn(4, 3, 32, 32).astype(np.float32))
     outs = []
@@ -162,3 +164,55 @@ def test_fused_depthwise_conv_equals_stock_forward_and_gradients(shape, stride):
 def test_depthwise_stride_other_than_1_or_2_is_refused():
     with pytest.raises(ValueError, match="stride must be 1 or 2, got 3"):
         kernels.depthwise_conv3x3(3)
+
+
+class _SoftmaxStock(nn.Cell):
+    def construct(self, x):
+        return ops.softmax(x, axis=-1)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_softmax_gradient_equals_stock(fused):
+    ms.set_context(mode=ms.GRAPH_MODE)
+    rng = np.random.RandomState(0)
+    x = ms.Tensor(rng.randn(2, 3, 49, 49).astype(np.float32) * 3)
+    dy = ms.Tensor(rng.randn(2, 3, 49, 49).astype(np.float32))
+    ours = Softmax()
+    if not fused:
+        ours.fused = None
+    else:
+        assert ours.fused is not None
+    results = []
+    for cell in (ours, _SoftmaxStock()):
+        y, vjp_fn = ms.vjp(cell, x)
+        dx = vjp_fn(dy)
+        results.append((y.asnumpy(), (dx[0] if isinstance(dx, tuple) else dx).asnumpy()))
+    for a, b in zip(results[0], results[1], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+class _GateStock(nn.Cell):
+    def construct(self, x, g):
+        return x * g
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_channel_gate_equals_stock_forward_and_gradients(fused):
+    ms.set_context(mode=ms.GRAPH_MODE)
+    rng = np.random.RandomState(0)
+    x = ms.Tensor(rng.randn(3, 5, 9, 7).astype(np.float32))
+    g = ms.Tensor(rng.rand(3, 5, 1, 1).astype(np.float32))
+    dy = ms.Tensor(rng.randn(3, 5, 9, 7).astype(np.float32))
+    ours = ChannelGate()
+    if not fused:
+        ours.fused = None
+    else:
+        assert ours.fused is not None
+    results = []
+    for cell in (ours, _GateStock()):
+        y, vjp_fn = ms.vjp(cell, x, g)
+        dx, dg = vjp_fn(dy)
+        results.append((y.asnumpy(), dx.asnumpy(), dg.asnumpy()))
+    for a, b in zip(results[0], results[1], strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -1,10 +1,10 @@
 """Fused CPU kernels, compiled from the C++ sources next to this file on first use.
 
-``gelu()`` and ``depthwise_conv3x3()`` return MindSpore ``Custom`` ops (func_type "aot") with
-their gradients as further ``Custom`` ops, or ``None`` when they cannot or should not be used: the
-device target is not CPU, ``COATNET_CPU_KERNELS=0`` is set, or no C++ compiler builds them (then a
-warning says why and the model keeps MindSpore's own ops). Results equal the stock ops' within
-float32 rounding (tests/test_kernels.py).
+``gelu()``, ``depthwise_conv3x3()``, ``softmax_grad()`` and ``channel_gate()`` return MindSpore
+``Custom`` ops (func_type "aot"; the first two with their gradients attached), or ``None`` when they
+cannot or should not be used: the device target is not CPU, ``COATNET_CPU_KERNELS=0`` is set, or no
+C++ compiler builds them (then a warning says why and the model keeps MindSpore's own ops).
+Results equal the stock ops' within float32 rounding (tests/test_kernels.py).
 
 The shared library is cached under ``$COATNET_KERNEL_CACHE`` (default ``~/.cache/coatnet_mindspore``),
 keyed by the source, the compiler and the CPU's flags (it is built with ``-march=native``), and is
@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import tempfile
 
-__all__ = ["depthwise_conv3x3", "gelu", "kernels_enabled"]
+__all__ = ["channel_gate", "depthwise_conv3x3", "gelu", "kernels_enabled", "softmax_grad"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _FLAGS = ["-std=c++17", "-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-pthread"]
@@ -56,8 +56,10 @@ def _build(source: str) -> str | None:
         _log.warning("no C++ compiler found (g++/c++, or $CXX): using MindSpore's stock GELU on CPU (slower)")
         return None
     src_path = os.path.join(_HERE, source)
-    with open(src_path, "rb") as f:
-        code = f.read()
+    code = b""
+    for name in [source, *sorted(n for n in os.listdir(_HERE) if n.endswith(".h"))]:
+        with open(os.path.join(_HERE, name), "rb") as f:
+            code += f.read()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(b"\0".join([code, version.encode(), " ".join(_FLAGS).encode(), platform.machine().encode(),
                                      _cpu_flags().encode()])).hexdigest()[:16]
@@ -132,3 +134,34 @@ def depthwise_conv3x3(stride: int = 1):
         return None
     lib = _build("dwconv.cc")
     return _depthwise_ops(lib, stride) if lib else None
+
+
+@functools.cache
+def _rows_ops(lib: str):
+    from mindspore import ops
+
+    softmax_grad = ops.Custom(f"{lib}:SoftmaxBackward", out_shape=lambda y, dy: y, out_dtype=lambda y, dy: y,
+                              func_type="aot")
+    gate_forward = ops.Custom(f"{lib}:ChannelGateForward", out_shape=lambda x, g: x, out_dtype=lambda x, g: x,
+                              func_type="aot")
+    gate_backward = ops.Custom(f"{lib}:ChannelGateBackward", out_shape=lambda dy, x, g: (x, g),
+                               out_dtype=lambda dy, x, g: (x, g), func_type="aot")
+    return softmax_grad, (gate_forward, gate_backward)
+
+
+def softmax_grad():
+    """``op(y, dy)``: the gradient of a softmax over the last axis from its output ``y``, for float32
+    CPU tensors, or None (see the module docstring)."""
+    if not kernels_enabled():
+        return None
+    lib = _build("rows.cc")
+    return _rows_ops(lib)[0] if lib else None
+
+
+def channel_gate():
+    """``(forward, backward)``: ``forward(x, gate) = x * gate`` for x (B, C, H, W) and gate (B, C, 1, 1),
+    ``backward(dy, x, gate) = (dy * gate, sum_hw(dy * x))``, for float32 CPU tensors; or None."""
+    if not kernels_enabled():
+        return None
+    lib = _build("rows.cc")
+    return _rows_ops(lib)[1] if lib else None

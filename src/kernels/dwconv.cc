@@ -5,35 +5,11 @@
 // the forward and the two backward passes of the MBConv depthwise convolutions took ~0.7 s for
 // ~0.9 GMAC. Here each kernel tap is one multiply-add loop over an output row, which the compiler
 // vectorises; planes (or, for the filter gradient, channels) are split across cores.
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-#include <thread>
-#include <vector>
-
-#include <sched.h>
+#include "parallel.h"
 
 namespace {
 
-int cpu_count() {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return std::max(1u, std::thread::hardware_concurrency());
-}
-
-// Runs body(begin, end) over [0, n) in contiguous chunks, one per core (the caller takes the last).
-template <typename Body>
-void parallel_for(int64_t n, int64_t work_per_item, Body body) {
-  static const int cores = cpu_count();
-  const int64_t min_work = 1 << 15;
-  const int64_t useful = std::max<int64_t>(1, n * work_per_item / min_work);
-  const int chunks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({cores, n, useful})));
-  const int64_t step = (n + chunks - 1) / chunks;
-  std::vector<std::thread> workers;
-  for (int c = 0; c + 1 < chunks; ++c) workers.emplace_back(body, c * step, std::min(n, (c + 1) * step));
-  body((chunks - 1) * step, n);
-  for (auto &w : workers) w.join();
-}
+using coatnet::parallel_for;
 
 // The output positions o of one row whose input position stride * o + shift lies in [0, width).
 inline void valid_range(int64_t out_width, int64_t width, int64_t stride, int64_t shift, int64_t *begin,
@@ -118,8 +94,7 @@ void plane_backward_filter(const float *__restrict dy, const float *__restrict x
 }
 
 bool float32_4d(int nparam, int *ndims, const char **dtypes) {
-  for (int i = 0; i < nparam; ++i)
-    if (std::strcmp(dtypes[i], "float32") != 0 && std::strcmp(dtypes[i], "float") != 0) return false;
+  if (!coatnet::all_float32(nparam, dtypes)) return false;
   for (int i = 0; i < nparam; ++i)
     if (ndims[i] != 4) return false;
   return true;

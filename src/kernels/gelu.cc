@@ -8,15 +8,13 @@
 // erf(z), z >= 0: Abramowitz & Stegun 7.1.26, 1 - t (a1 + t (a2 + ... a5)) exp(-z^2) with
 // t = 1 / (1 + p z), |error| < 1.5e-7. exp(-z^2) also gives the normal density needed by the
 // gradient: d/dx [x Phi(x)] = Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi).
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-#include <thread>
-#include <vector>
-
-#include <sched.h>
+#include "parallel.h"
 
 namespace {
+
+using coatnet::all_float32;
+using coatnet::element_count;
+using coatnet::parallel_for;
 
 // exp(t) for t <= 0: t = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-7 Taylor polynomial
 // (relative error < 1e-8), 2^n built in the exponent bits. Results below 2^-126 flush to 0.
@@ -66,37 +64,6 @@ void gelu_grad_range(const float *__restrict dy, const float *__restrict x, floa
   }
 }
 
-int cpu_count() {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
-  return std::max(1u, std::thread::hardware_concurrency());
-}
-
-// Runs body(begin, end) over [0, n) in contiguous chunks, one per core (the caller takes the last).
-template <typename Body>
-void parallel_for(int64_t n, Body body) {
-  static const int cores = cpu_count();
-  const int64_t min_chunk = 1 << 16;
-  const int chunks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(cores, n / min_chunk)));
-  const int64_t step = (n + chunks - 1) / chunks;
-  std::vector<std::thread> workers;
-  for (int c = 0; c + 1 < chunks; ++c) workers.emplace_back(body, c * step, std::min(n, (c + 1) * step));
-  body((chunks - 1) * step, n);
-  for (auto &w : workers) w.join();
-}
-
-int64_t element_count(int ndim, const int64_t *shape) {
-  int64_t n = 1;
-  for (int i = 0; i < ndim; ++i) n *= shape[i];
-  return n;
-}
-
-bool all_float32(int nparam, const char **dtypes) {
-  for (int i = 0; i < nparam; ++i)
-    if (std::strcmp(dtypes[i], "float32") != 0 && std::strcmp(dtypes[i], "float") != 0) return false;
-  return true;
-}
-
 }  // namespace
 
 // Inputs: x. Output: y.
@@ -107,7 +74,7 @@ extern "C" int GeluForward(int nparam, void **params, int *ndims, int64_t **shap
   if (nparam != 2 || !all_float32(nparam, dtypes)) return 1;
   const auto *x = static_cast<const float *>(params[0]);
   auto *y = static_cast<float *>(params[1]);
-  parallel_for(element_count(ndims[0], shapes[0]),
+  parallel_for(element_count(ndims[0], shapes[0]), 1,
                [=](int64_t begin, int64_t end) { gelu_range(x, y, begin, end); });
   return 0;
 }
@@ -121,7 +88,7 @@ extern "C" int GeluBackward(int nparam, void **params, int *ndims, int64_t **sha
   const auto *dy = static_cast<const float *>(params[0]);
   const auto *x = static_cast<const float *>(params[1]);
   auto *dx = static_cast<float *>(params[2]);
-  parallel_for(element_count(ndims[1], shapes[1]),
+  parallel_for(element_count(ndims[1], shapes[1]), 1,
                [=](int64_t begin, int64_t end) { gelu_grad_range(dy, x, dx, begin, end); });
   return 0;
 }

@@ -1,0 +1,90 @@
+// Row-wise fused ops for MindSpore CPU graphs (Custom ops, func_type "aot"): the softmax gradient of
+// attention and the squeeze-excite channel gate. With MindSpore 2.10's stock CPU ops each is a chain
+// of element-wise passes plus a slow ReduceSum (softmax backward ~250 ms, SE gate ~160 ms of a
+// CoAtNet-0 train step); here each is one pass over its rows, rows split across cores.
+#include "parallel.h"
+
+namespace {
+
+using coatnet::all_float32;
+using coatnet::element_count;
+using coatnet::parallel_for;
+
+}  // namespace
+
+// Inputs: y = softmax(x) over the last axis, dy. Output: dx = y * (dy - sum(dy * y)) per row.
+extern "C" int SoftmaxBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 3 || !all_float32(nparam, dtypes) || ndims[0] < 1) return 1;
+  const auto *y = static_cast<const float *>(params[0]);
+  const auto *dy = static_cast<const float *>(params[1]);
+  auto *dx = static_cast<float *>(params[2]);
+  const int64_t width = shapes[0][ndims[0] - 1];
+  const int64_t rows = width ? element_count(ndims[0], shapes[0]) / width : 0;
+  parallel_for(rows, width, [=](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float *__restrict yr = y + r * width;
+      const float *__restrict gr = dy + r * width;
+      float *__restrict out = dx + r * width;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < width; ++i) dot += gr[i] * yr[i];
+      for (int64_t i = 0; i < width; ++i) out[i] = yr[i] * (gr[i] - dot);
+    }
+  });
+  return 0;
+}
+
+// Inputs: x (B, C, H, W), gate (B, C, 1, 1). Output: x * gate.
+extern "C" int ChannelGateForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                  void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 3 || !all_float32(nparam, dtypes) || ndims[0] != 4) return 1;
+  const auto *x = static_cast<const float *>(params[0]);
+  const auto *gate = static_cast<const float *>(params[1]);
+  auto *y = static_cast<float *>(params[2]);
+  const int64_t area = shapes[0][2] * shapes[0][3];
+  parallel_for(shapes[0][0] * shapes[0][1], area, [=](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const float g = gate[p];
+      const float *__restrict xr = x + p * area;
+      float *__restrict yr = y + p * area;
+      for (int64_t i = 0; i < area; ++i) yr[i] = xr[i] * g;
+    }
+  });
+  return 0;
+}
+
+// Inputs: dy (B, C, H, W), x (B, C, H, W), gate (B, C, 1, 1). Outputs: dx = dy * gate,
+// dgate = sum over H, W of dy * x.
+extern "C" int ChannelGateBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                   void *stream, void *extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 5 || !all_float32(nparam, dtypes) || ndims[0] != 4) return 1;
+  const auto *dy = static_cast<const float *>(params[0]);
+  const auto *x = static_cast<const float *>(params[1]);
+  const auto *gate = static_cast<const float *>(params[2]);
+  auto *dx = static_cast<float *>(params[3]);
+  auto *dgate = static_cast<float *>(params[4]);
+  const int64_t area = shapes[0][2] * shapes[0][3];
+  parallel_for(shapes[0][0] * shapes[0][1], area, [=](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const float g = gate[p];
+      const float *__restrict gr = dy + p * area;
+      const float *__restrict xr = x + p * area;
+      float *__restrict out = dx + p * area;
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < area; ++i) {
+        sum += gr[i] * xr[i];
+        out[i] = gr[i] * g;
+      }
+      dgate[p] = sum;
+    }
+  });
+  return 0;
+}
