@@ -216,16 +216,34 @@ def _norm2d(kind: str, channels: int, eps: float) -> nn.Cell:
 
 
 class BatchNormAct2d(nn.Cell):
-    """BatchNorm2d followed by an optional activation (names match timm's BatchNormAct2d)."""
+    """BatchNorm2d followed by an optional activation (names match timm's BatchNormAct2d).
+
+    In training on CPU (float32) the normalisation is the fused kernel of ``src.kernels`` and the
+    running statistics are updated here exactly as ``nn.BatchNorm2d`` does (unbiased variance)."""
 
     def __init__(self, channels: int, act: str | None, eps: float = 1e-5):
         super().__init__()
         # MindSpore momentum is the weight of the old statistic: 0.9 == PyTorch's 0.1.
         self.bn = nn.BatchNorm2d(channels, eps=eps, momentum=0.9)
         self.act = _act(act) if act else None
+        self.fused = kernels.batchnorm_train()
+        self.eps = Tensor(np.array([eps], np.float32))
+
+    def _fused_train(self, x):
+        y, mean, var = self.fused(x, self.bn.gamma, self.bn.beta, self.eps)
+        mean = ops.stop_gradient(mean)
+        n = x.shape[0] * x.shape[2] * x.shape[3]
+        var = ops.stop_gradient(var) * (n / max(n - 1, 1))
+        new = self.bn.momentum  # weight of the batch statistic (1 - the momentum given to nn.BatchNorm2d)
+        update_mean = ops.assign(self.bn.moving_mean, self.bn.moving_mean * (1.0 - new) + mean * new)
+        update_var = ops.assign(self.bn.moving_variance, self.bn.moving_variance * (1.0 - new) + var * new)
+        return ops.depend(y, ops.depend(update_mean, update_var))
 
     def construct(self, x):
-        x = self.bn(x)
+        if self.training and self.fused is not None and x.dtype == ms.float32:
+            x = self._fused_train(x)
+        else:
+            x = self.bn(x)
         if self.act is not None:
             x = self.act(x)
         return x
@@ -807,12 +825,12 @@ class ExportLayerNorm2d(nn.Cell):
 
 
 def use_stock_ops(net: nn.Cell) -> nn.Cell:
-    """Make every cell of ``net`` with a fused CPU kernel (GELU, depthwise convolution, SE gate,
-    attention softmax) use MindSpore's own ops instead, so a graph exported from it runs anywhere (a
+    """Make every cell of ``net`` with a fused CPU kernel (GELU, depthwise convolution, BatchNorm, SE
+    gate, attention softmax) use MindSpore's own ops instead, so a graph exported from it runs anywhere (a
     Custom op would tie it to this machine's compiled library). Call before the network's first
     graph-mode call or export; returns ``net``."""
     for _, cell in net.cells_and_names():
-        if isinstance(cell, (GELU, DepthwiseConv2d, ChannelGate, Softmax)):
+        if isinstance(cell, (GELU, DepthwiseConv2d, ChannelGate, Softmax, BatchNormAct2d)):
             cell.fused = None
     return net
 

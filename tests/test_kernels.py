@@ -10,9 +10,10 @@ import pytest
 from mindspore import nn, ops
 
 from src import kernels
-from src.coatnet import GELU, ChannelGate, DepthwiseConv2d, Softmax, create_model, use_stock_ops
+from src.coatnet import (GELU, BatchNormAct2d, ChannelGate, DepthwiseConv2d, Softmax, create_model,
+                         use_stock_ops)
 
-FUSED_CELLS = (GELU, DepthwiseConv2d, ChannelGate, Softmax)
+FUSED_CELLS = (GELU, DepthwiseConv2d, ChannelGate, Softmax, BatchNormAct2d)
 
 
 class _Fused(nn.Cell):
@@ -216,3 +217,34 @@ def test_channel_gate_equals_stock_forward_and_gradients(fused):
     for a, b in zip(results[0], results[1], strict=True):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 7), (2, 16, 28, 28), (3, 2, 1, 1)])
+def test_fused_batchnorm_equals_stock_in_training(shape):
+    """Output, gradients of x / gamma / beta and the running statistics after two steps."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    rng = np.random.RandomState(0)
+    gamma, beta = rng.rand(shape[1]).astype(np.float32) + 0.5, rng.randn(shape[1]).astype(np.float32)
+    results = []
+    for fused in (True, False):
+        cell = BatchNormAct2d(shape[1], None, eps=1e-3)
+        assert cell.fused is not None
+        if not fused:
+            cell.fused = None
+        cell.bn.gamma.set_data(ms.Tensor(gamma))
+        cell.bn.beta.set_data(ms.Tensor(beta))
+        cell.set_train(True)
+        data = np.random.RandomState(1)
+        out = []
+        for _ in range(2):
+            x = ms.Tensor(data.randn(*shape).astype(np.float32) * 2 + 1)
+            dy = ms.Tensor(data.randn(*shape).astype(np.float32))
+            y, vjp_fn = ms.vjp(cell, x, weights=[cell.bn.gamma, cell.bn.beta])
+            dx, (dgamma, dbeta) = vjp_fn(dy)
+            dx = dx[0] if isinstance(dx, tuple) else dx
+            out += [y.asnumpy(), dx.asnumpy(), dgamma.asnumpy(), dbeta.asnumpy()]
+        out += [cell.bn.moving_mean.asnumpy(), cell.bn.moving_variance.asnumpy()]
+        results.append(out)
+    for a, b in zip(results[0], results[1], strict=True):
+        assert a.shape == b.shape and np.isfinite(a).all()
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(b).max()))

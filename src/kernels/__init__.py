@@ -1,7 +1,8 @@
 """Fused CPU kernels, compiled from the C++ sources next to this file on first use.
 
-``gelu()``, ``depthwise_conv3x3()``, ``softmax_grad()`` and ``channel_gate()`` return MindSpore
-``Custom`` ops (func_type "aot"; the first two with their gradients attached), or ``None`` when they
+``gelu()``, ``depthwise_conv3x3()``, ``batchnorm_train()``, ``softmax_grad()`` and ``channel_gate()``
+return MindSpore ``Custom`` ops (func_type "aot"; the first three with their gradients attached), or
+``None`` when they
 cannot or should not be used: the device target is not CPU, ``COATNET_CPU_KERNELS=0`` is set, or no
 C++ compiler builds them (then a warning says why and the model keeps MindSpore's own ops).
 Results equal the stock ops' within float32 rounding (tests/test_kernels.py).
@@ -21,7 +22,7 @@ import shutil
 import subprocess
 import tempfile
 
-__all__ = ["channel_gate", "depthwise_conv3x3", "gelu", "kernels_enabled", "softmax_grad"]
+__all__ = ["batchnorm_train", "channel_gate", "depthwise_conv3x3", "gelu", "kernels_enabled", "softmax_grad"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _FLAGS = ["-std=c++17", "-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-pthread"]
@@ -165,3 +166,27 @@ def channel_gate():
         return None
     lib = _build("rows.cc")
     return _rows_ops(lib)[1] if lib else None
+
+
+@functools.cache
+def _batchnorm_ops(lib: str):
+    from mindspore import ops
+
+    backward = ops.Custom(f"{lib}:BatchNormTrainBackward", out_shape=lambda dy, x, g, m, v, e: (x, g, g),
+                          out_dtype=lambda dy, x, g, m, v, e: (x, g, g), func_type="aot")
+
+    def bprop(x, gamma, beta, eps, out, dout):
+        dx, dgamma, dbeta = backward(dout[0], x, gamma, out[1], out[2], eps)
+        return dx, dgamma, dbeta, ops.zeros_like(eps)
+
+    return ops.Custom(f"{lib}:BatchNormTrainForward", out_shape=lambda x, g, b, e: (x, g, g),
+                      out_dtype=lambda x, g, b, e: (x, g, g), func_type="aot", bprop=bprop)
+
+
+def batchnorm_train():
+    """``op(x, gamma, beta, eps) -> (y, batch_mean, batch_var)``: training-mode BatchNorm of an NCHW
+    float32 CPU tensor (``eps`` a (1,) tensor, ``batch_var`` biased); or None."""
+    if not kernels_enabled():
+        return None
+    lib = _build("batchnorm.cc")
+    return _batchnorm_ops(lib) if lib else None
