@@ -10,8 +10,7 @@ import pytest
 from mindspore import nn, ops
 
 from src import kernels
-from src.coatnet import (GELU, BatchNormAct2d, ChannelGate, DepthwiseConv2d, Softmax, create_model,
-                         use_stock_ops)
+from src.coatnet import GELU, BatchNormAct2d, ChannelGate, DepthwiseConv2d, Softmax, create_model, use_stock_ops
 
 FUSED_CELLS = (GELU, DepthwiseConv2d, ChannelGate, Softmax, BatchNormAct2d)
 
