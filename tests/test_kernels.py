@@ -110,6 +110,19 @@ def test_without_a_working_compiler_warns_and_falls_back(monkeypatch, tmp_path, 
         kernels._build.cache_clear()
 
 
+def test_unwritable_cache_warns_and_falls_back(monkeypatch, tmp_path, caplog):
+    kernels._build.cache_clear()
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("COATNET_KERNEL_CACHE", str(blocker / "cache"))
+    try:
+        with caplog.at_level(logging.WARNING, logger="src.kernels"):
+            assert kernels.gelu() is None
+        assert "not writable" in caplog.text and "COATNET_KERNEL_CACHE" in caplog.text
+    finally:
+        kernels._build.cache_clear()
+
+
 def test_library_is_built_once_per_source_compiler_and_cpu(monkeypatch, tmp_path):
     kernels._build.cache_clear()
     monkeypatch.setenv("COATNET_KERNEL_CACHE", str(tmp_path))

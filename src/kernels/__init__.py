@@ -68,8 +68,13 @@ def _build(source: str) -> str | None:
     lib = os.path.join(cache, f"{os.path.splitext(source)[0]}-{key}.so")
     if os.path.exists(lib):
         return lib
-    os.makedirs(cache, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=cache)
+    try:
+        os.makedirs(cache, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=cache)
+    except OSError as e:
+        _log.warning("kernel cache %s is not writable (%s; set COATNET_KERNEL_CACHE): using MindSpore's stock ops "
+                     "on CPU (slower)", cache, e.strerror or e)
+        return None
     os.close(fd)
     try:
         out = subprocess.run([compiler, *_FLAGS, "-o", tmp, src_path], capture_output=True, text=True)
