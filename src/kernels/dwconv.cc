@@ -100,10 +100,6 @@ bool float32_4d(int nparam, int *ndims, const char **dtypes) {
   return true;
 }
 
-}  // namespace
-
-namespace {
-
 // Inputs: x (B, C, H, W), weight (C, 1, 3, 3). Output: y (B, C, OH, OW); the stride (1 or 2) follows
 // from the shapes.
 int forward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
@@ -114,7 +110,8 @@ int forward(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   auto *y = static_cast<float *>(params[2]);
   const int64_t in_area = g.height * g.width, out_area = g.out_height * g.out_width;
   parallel_for(g.batch * g.channels, 9 * out_area, [=, &g](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) plane_forward(x + p * in_area, w + 9 * (p % g.channels), y + p * out_area, g);
+    for (int64_t p = begin; p < end; ++p)
+      plane_forward(x + p * in_area, w + 9 * (p % g.channels), y + p * out_area, g);
   });
   return 0;
 }

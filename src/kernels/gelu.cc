@@ -56,7 +56,8 @@ void gelu_range(const float *__restrict x, float *__restrict y, int64_t begin, i
   }
 }
 
-void gelu_grad_range(const float *__restrict dy, const float *__restrict x, float *__restrict dx, int64_t begin, int64_t end) {
+void gelu_grad_range(const float *__restrict dy, const float *__restrict x, float *__restrict dx, int64_t begin,
+                     int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
     float density;
     const float cdf = normal_cdf(x[i], &density);
