@@ -6,7 +6,7 @@ Layout C-C-T-T (paper Table 3): a two-conv stem S0, two MBConv stages S1/S2 and 
 stages S3/S4 with 2-D relative attention, then global pooling and a classifier head. Variants are
 data (``MODEL_CFGS``); parameter names follow timm's ``maxxvit.py`` so timm weights convert 1:1
 (see ``src/convert_timm.py``). This module knows nothing of datasets or config files; the only
-device-specific part is GELU's fused CPU kernel (``src/kernels``), used when available.
+device-specific parts are the fused CPU kernels (``src/kernels``) some cells use when available.
 """
 from __future__ import annotations
 
@@ -249,11 +249,14 @@ class BatchNormAct2d(nn.Cell):
         return x
 
 
-def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, bias: bool = True) -> nn.Conv2d:
-    # Symmetric padding (k - 1) // 2 as timm's create_conv2d(padding='') for odd k.
+def _padding(k: int, stride: int) -> dict:
+    """nn.Conv2d padding arguments: symmetric (k - 1) // 2 as timm's create_conv2d(padding='') for odd k."""
     pad = ((stride - 1) + (k - 1)) // 2
-    return nn.Conv2d(cin, cout, k, stride=stride, pad_mode="pad" if pad else "valid", padding=pad,
-                     group=groups, has_bias=bias)
+    return {"pad_mode": "pad" if pad else "valid", "padding": pad}
+
+
+def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, k, stride=stride, group=groups, has_bias=bias, **_padding(k, stride))
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -262,9 +265,7 @@ class DepthwiseConv2d(nn.Conv2d):
     or 2) when it is available (MindSpore's grouped convolution was ~15 % of a CoAtNet-0 train step)."""
 
     def __init__(self, channels: int, k: int, stride: int = 1):
-        pad = ((stride - 1) + (k - 1)) // 2
-        super().__init__(channels, channels, k, stride=stride, pad_mode="pad" if pad else "valid", padding=pad,
-                         group=channels, has_bias=False)
+        super().__init__(channels, channels, k, stride=stride, group=channels, has_bias=False, **_padding(k, stride))
         self.fused = kernels.depthwise_conv3x3(stride) if k == 3 and stride in (1, 2) else None
 
     def construct(self, x):
@@ -830,7 +831,7 @@ def use_stock_ops(net: nn.Cell) -> nn.Cell:
     Custom op would tie it to this machine's compiled library). Call before the network's first
     graph-mode call or export; returns ``net``."""
     for _, cell in net.cells_and_names():
-        if isinstance(cell, (GELU, DepthwiseConv2d, ChannelGate, Softmax, BatchNormAct2d)):
+        if getattr(cell, "fused", None) is not None:  # every cell with a kernel keeps it in `fused`
             cell.fused = None
     return net
 

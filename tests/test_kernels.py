@@ -38,6 +38,21 @@ class _SumOf(nn.Cell):
         return self.net(x).sum()
 
 
+def _output_and_input_grads(cell, inputs, dy) -> list[np.ndarray]:
+    """[y, d inputs...] of ``cell`` at ``inputs`` for the output gradient ``dy``, as NumPy."""
+    y, vjp_fn = ms.vjp(cell, *inputs)
+    grads = vjp_fn(dy)
+    return [y.asnumpy(), *(g.asnumpy() for g in (grads if isinstance(grads, tuple) else (grads,)))]
+
+
+def _kernel_or_stock(cell, fused: bool):
+    """``cell`` with its fused kernel (which must have built here), or switched to the stock ops."""
+    assert cell.fused is not None, "the fused kernel must build on the CPU test machine"
+    if not fused:
+        cell.fused = None
+    return cell
+
+
 def _inputs() -> np.ndarray:
     x = np.random.RandomState(0).randn(3, 70000).astype(np.float32) * 4  # > one 65536-element chunk
     x[0, :8] = [0.0, -0.0, 1e-30, -1e-30, 30.0, -30.0, 1e4, -1e4]
@@ -56,11 +71,9 @@ def test_fused_gelu_matches_exact_gelu_forward_and_gradient(mode):
     truth_dx = dy * (cdf + xd * np.exp(-0.5 * xd * xd) / math.sqrt(2.0 * math.pi))
     errors = {}
     for name, cell in (("fused", _Fused()), ("stock", _Stock())):
-        y, vjp_fn = ms.vjp(cell, ms.Tensor(x))
-        dx = vjp_fn(ms.Tensor(dy))
-        dx = (dx[0] if isinstance(dx, tuple) else dx).asnumpy()
-        assert np.isfinite(y.asnumpy()).all() and np.isfinite(dx).all()
-        errors[name] = (np.abs(y.asnumpy() - truth_y).max(),
+        y, dx = _output_and_input_grads(cell, (ms.Tensor(x),), ms.Tensor(dy))
+        assert np.isfinite(y).all() and np.isfinite(dx).all()
+        errors[name] = (np.abs(y - truth_y).max(),
                         (np.abs(dx - truth_dx) / np.maximum(np.abs(dy), 1.0)).max())
     # Both within float32 rounding of the exact values (measured: fused 4e-7 / 4e-7, stock 5e-7 / 9e-7).
     assert errors["fused"][0] <= 1e-6 and errors["fused"][1] <= 1e-6, errors
@@ -97,43 +110,41 @@ def test_switched_off_by_environment(monkeypatch):
     assert create_model("coatnet_tiny", num_classes=5, image_size=32).stem.norm1.act.fused is None
 
 
-def test_without_a_working_compiler_warns_and_falls_back(monkeypatch, tmp_path, caplog):
+@pytest.fixture
+def fresh_build():
+    """Forget the compiler and the built libraries this process has seen (before and after)."""
+    kernels._toolchain.cache_clear()
     kernels._build.cache_clear()
+    yield
+    kernels._toolchain.cache_clear()
+    kernels._build.cache_clear()
+
+
+def test_without_a_working_compiler_warns_and_falls_back(monkeypatch, tmp_path, caplog, fresh_build):
     monkeypatch.setenv("COATNET_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "/bin/false")
-    try:
-        with caplog.at_level(logging.WARNING, logger="src.kernels"):
-            assert kernels.gelu() is None
-        assert "compiling" in caplog.text and "gelu.cc" in caplog.text and "stock ops" in caplog.text
-        assert os.listdir(tmp_path) == []  # no half-built library left behind
-    finally:
-        kernels._build.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="src.kernels"):
+        assert kernels.gelu() is None
+    assert "compiling" in caplog.text and "gelu.cc" in caplog.text and "stock ops" in caplog.text
+    assert os.listdir(tmp_path) == []  # no half-built library left behind
 
 
-def test_unwritable_cache_warns_and_falls_back(monkeypatch, tmp_path, caplog):
-    kernels._build.cache_clear()
+def test_unwritable_cache_warns_and_falls_back(monkeypatch, tmp_path, caplog, fresh_build):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("COATNET_KERNEL_CACHE", str(blocker / "cache"))
-    try:
-        with caplog.at_level(logging.WARNING, logger="src.kernels"):
-            assert kernels.gelu() is None
-        assert "not writable" in caplog.text and "COATNET_KERNEL_CACHE" in caplog.text
-    finally:
-        kernels._build.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="src.kernels"):
+        assert kernels.gelu() is None
+    assert "not writable" in caplog.text and "COATNET_KERNEL_CACHE" in caplog.text
 
 
-def test_library_is_built_once_per_source_compiler_and_cpu(monkeypatch, tmp_path):
-    kernels._build.cache_clear()
+def test_library_is_built_once_per_source_compiler_and_cpu(monkeypatch, tmp_path, fresh_build):
     monkeypatch.setenv("COATNET_KERNEL_CACHE", str(tmp_path))
-    try:
-        lib = kernels._build("gelu.cc")
-        assert lib and os.path.dirname(lib) == str(tmp_path) and os.listdir(tmp_path) == [os.path.basename(lib)]
-        stamp = os.stat(lib).st_mtime_ns
-        kernels._build.cache_clear()
-        assert kernels._build("gelu.cc") == lib and os.stat(lib).st_mtime_ns == stamp
-    finally:
-        kernels._build.cache_clear()
+    lib = kernels._build("gelu.cc")
+    assert lib and os.path.dirname(lib) == str(tmp_path) and os.listdir(tmp_path) == [os.path.basename(lib)]
+    stamp = os.stat(lib).st_mtime_ns
+    kernels._build.cache_clear()
+    assert kernels._build("gelu.cc") == lib and os.stat(lib).st_mtime_ns == stamp
 
 
 class _DwFused(nn.Cell):
@@ -165,9 +176,7 @@ def test_fused_depthwise_conv_equals_stock_forward_and_gradients(shape, stride):
     dy = ms.Tensor(rng.randn(*out_shape).astype(np.float32))
     results = []
     for cell in (_DwFused(stride), _DwStock(shape[1], stride)):
-        y, vjp_fn = ms.vjp(cell, x, w)
-        dx, dw = vjp_fn(dy)
-        results.append((y.asnumpy(), dx.asnumpy(), dw.asnumpy()))
+        results.append(_output_and_input_grads(cell, (x, w), dy))
     assert results[1][0].shape == out_shape
     for fused, stock in zip(results[0], results[1], strict=True):
         assert fused.shape == stock.shape
@@ -190,16 +199,8 @@ def test_softmax_gradient_equals_stock(fused):
     rng = np.random.RandomState(0)
     x = ms.Tensor(rng.randn(2, 3, 49, 49).astype(np.float32) * 3)
     dy = ms.Tensor(rng.randn(2, 3, 49, 49).astype(np.float32))
-    ours = Softmax()
-    if not fused:
-        ours.fused = None
-    else:
-        assert ours.fused is not None
-    results = []
-    for cell in (ours, _SoftmaxStock()):
-        y, vjp_fn = ms.vjp(cell, x)
-        dx = vjp_fn(dy)
-        results.append((y.asnumpy(), (dx[0] if isinstance(dx, tuple) else dx).asnumpy()))
+    results = [_output_and_input_grads(cell, (x,), dy)
+               for cell in (_kernel_or_stock(Softmax(), fused), _SoftmaxStock())]
     for a, b in zip(results[0], results[1], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -216,16 +217,8 @@ def test_channel_gate_equals_stock_forward_and_gradients(fused):
     x = ms.Tensor(rng.randn(3, 5, 9, 7).astype(np.float32))
     g = ms.Tensor(rng.rand(3, 5, 1, 1).astype(np.float32))
     dy = ms.Tensor(rng.randn(3, 5, 9, 7).astype(np.float32))
-    ours = ChannelGate()
-    if not fused:
-        ours.fused = None
-    else:
-        assert ours.fused is not None
-    results = []
-    for cell in (ours, _GateStock()):
-        y, vjp_fn = ms.vjp(cell, x, g)
-        dx, dg = vjp_fn(dy)
-        results.append((y.asnumpy(), dx.asnumpy(), dg.asnumpy()))
+    results = [_output_and_input_grads(cell, (x, g), dy)
+               for cell in (_kernel_or_stock(ChannelGate(), fused), _GateStock())]
     for a, b in zip(results[0], results[1], strict=True):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -239,10 +232,7 @@ def test_fused_batchnorm_equals_stock_in_training(shape):
     gamma, beta = rng.rand(shape[1]).astype(np.float32) + 0.5, rng.randn(shape[1]).astype(np.float32)
     results = []
     for fused in (True, False):
-        cell = BatchNormAct2d(shape[1], None, eps=1e-3)
-        assert cell.fused is not None
-        if not fused:
-            cell.fused = None
+        cell = _kernel_or_stock(BatchNormAct2d(shape[1], None, eps=1e-3), fused)
         cell.bn.gamma.set_data(ms.Tensor(gamma))
         cell.bn.beta.set_data(ms.Tensor(beta))
         cell.set_train(True)

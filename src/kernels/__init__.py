@@ -2,10 +2,10 @@
 
 ``gelu()``, ``depthwise_conv3x3()``, ``batchnorm_train()``, ``softmax_grad()`` and ``channel_gate()``
 return MindSpore ``Custom`` ops (func_type "aot"; the first three with their gradients attached), or
-``None`` when they
-cannot or should not be used: the device target is not CPU, ``COATNET_CPU_KERNELS=0`` is set, or no
-C++ compiler builds them (then a warning says why and the model keeps MindSpore's own ops).
-Results equal the stock ops' within float32 rounding (tests/test_kernels.py).
+``None`` when they cannot or should not be used: the device target is not CPU,
+``COATNET_CPU_KERNELS=0`` is set, or no C++ compiler builds them (then a warning says why and the
+model keeps MindSpore's own ops). Results equal the stock ops' within float32 rounding
+(tests/test_kernels.py).
 
 The shared library is cached under ``$COATNET_KERNEL_CACHE`` (default ``~/.cache/coatnet_mindspore``),
 keyed by the source, the compiler and the CPU's flags (it is built with ``-march=native``), and is
@@ -50,20 +50,30 @@ def _cpu_flags() -> str:
 
 
 @functools.cache
-def _build(source: str) -> str | None:
-    """Path of the compiled shared library for ``source`` (a file name in this folder), or None."""
+def _toolchain() -> tuple[str, bytes] | None:
+    """(compiler, what besides the source goes into a library's cache key), or None without a compiler."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
-        _log.warning("no C++ compiler found (g++/c++, or $CXX): using MindSpore's stock GELU on CPU (slower)")
+        _log.warning("no C++ compiler found (g++/c++, or $CXX): using MindSpore's stock ops on CPU (slower)")
         return None
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    return compiler, b"\0".join([version.encode(), " ".join(_FLAGS).encode(), platform.machine().encode(),
+                                 _cpu_flags().encode()])
+
+
+@functools.cache
+def _build(source: str) -> str | None:
+    """Path of the compiled shared library for ``source`` (a file name in this folder), or None."""
+    toolchain = _toolchain()
+    if toolchain is None:
+        return None
+    compiler, toolchain_key = toolchain
     src_path = os.path.join(_HERE, source)
     code = b""
     for name in [source, *sorted(n for n in os.listdir(_HERE) if n.endswith(".h"))]:
         with open(os.path.join(_HERE, name), "rb") as f:
             code += f.read()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(b"\0".join([code, version.encode(), " ".join(_FLAGS).encode(), platform.machine().encode(),
-                                     _cpu_flags().encode()])).hexdigest()[:16]
+    key = hashlib.sha256(code + b"\0" + toolchain_key).hexdigest()[:16]
     cache = os.path.expanduser(os.environ.get("COATNET_KERNEL_CACHE", "~/.cache/coatnet_mindspore"))
     lib = os.path.join(cache, f"{os.path.splitext(source)[0]}-{key}.so")
     if os.path.exists(lib):
@@ -89,6 +99,14 @@ def _build(source: str) -> str | None:
     return lib
 
 
+def _ops(source: str, make, *args):
+    """``make(library, *args)`` for the library built from ``source``, or None (see the module docstring)."""
+    if not kernels_enabled():
+        return None
+    lib = _build(source)
+    return make(lib, *args) if lib else None
+
+
 @functools.cache
 def _gelu_ops(lib: str):
     from mindspore import ops
@@ -105,10 +123,7 @@ def _gelu_ops(lib: str):
 
 def gelu():
     """The fused exact-GELU op for float32 CPU tensors, or None (see the module docstring)."""
-    if not kernels_enabled():
-        return None
-    lib = _build("gelu.cc")
-    return _gelu_ops(lib) if lib else None
+    return _ops("gelu.cc", _gelu_ops)
 
 
 @functools.cache
@@ -136,10 +151,7 @@ def depthwise_conv3x3(stride: int = 1):
     tensors, called as ``op(x, weight)`` with weight (C, 1, 3, 3), or None (see the module docstring)."""
     if stride not in (1, 2):
         raise ValueError(f"depthwise_conv3x3: stride must be 1 or 2, got {stride}")
-    if not kernels_enabled():
-        return None
-    lib = _build("dwconv.cc")
-    return _depthwise_ops(lib, stride) if lib else None
+    return _ops("dwconv.cc", _depthwise_ops, stride)
 
 
 @functools.cache
@@ -158,19 +170,15 @@ def _rows_ops(lib: str):
 def softmax_grad():
     """``op(y, dy)``: the gradient of a softmax over the last axis from its output ``y``, for float32
     CPU tensors, or None (see the module docstring)."""
-    if not kernels_enabled():
-        return None
-    lib = _build("rows.cc")
-    return _rows_ops(lib)[0] if lib else None
+    ops = _ops("rows.cc", _rows_ops)
+    return ops[0] if ops else None
 
 
 def channel_gate():
     """``(forward, backward)``: ``forward(x, gate) = x * gate`` for x (B, C, H, W) and gate (B, C, 1, 1),
     ``backward(dy, x, gate) = (dy * gate, sum_hw(dy * x))``, for float32 CPU tensors; or None."""
-    if not kernels_enabled():
-        return None
-    lib = _build("rows.cc")
-    return _rows_ops(lib)[1] if lib else None
+    ops = _ops("rows.cc", _rows_ops)
+    return ops[1] if ops else None
 
 
 @functools.cache
@@ -191,7 +199,4 @@ def _batchnorm_ops(lib: str):
 def batchnorm_train():
     """``op(x, gamma, beta, eps) -> (y, batch_mean, batch_var)``: training-mode BatchNorm of an NCHW
     float32 CPU tensor (``eps`` a (1,) tensor, ``batch_var`` biased); or None."""
-    if not kernels_enabled():
-        return None
-    lib = _build("batchnorm.cc")
-    return _batchnorm_ops(lib) if lib else None
+    return _ops("batchnorm.cc", _batchnorm_ops)
