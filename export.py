@@ -6,7 +6,8 @@
 Writes NAME.mindir / NAME.onnx / NAME.air (input: float32 (batch_size, 3, image_height, image_width),
 output: logits) and prints its path. A checkpoint trained at another resolution gets its relative-position
 tables resized. ONNX uses exact equivalents of the ops MindSpore 2.10 cannot convert
-(``src.coatnet.prepare_for_export``); MINDIR and AIR keep the model's own ops. AIR needs device_target Ascend.
+(``src.coatnet.prepare_for_export``; GELU as the standard Erf pattern, which onnxruntime fuses); MINDIR and
+AIR keep the model's own ops. AIR needs device_target Ascend.
 """
 import os
 import shutil
@@ -14,7 +15,7 @@ import tempfile
 
 import src  # noqa: F401  (sets the CPU ISA default before mindspore loads)
 from src.checkpoint import load_into
-from src.coatnet import create_model, prepare_for_export, use_stock_ops
+from src.coatnet import ERF_STANDIN_OP, create_model, prepare_for_export, use_stock_ops
 from src.model_utils.config import ConfigError, load_config
 from src.model_utils.moxing_adapter import fetch_checkpoint, moxing_wrapper
 from src.utils import cli_main, setup_context, weights_for
@@ -26,6 +27,43 @@ def output_path(file_name: str, file_format: str) -> str:
     """The file MindSpore writes for ``file_name``: it appends the extension unless it is already there."""
     ext = EXTENSIONS[file_format]
     return file_name if file_name.endswith(ext) else file_name + ext
+
+
+def _onnx_node_classes():
+    """Protobuf classes for the part of onnx.proto that renaming an op touches (ModelProto.graph,
+    GraphProto.node, NodeProto.op_type); every other field is kept as an unknown field and written back
+    unchanged. Built here so that export needs protobuf (a MindSpore dependency), not the onnx package."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    fd = descriptor_pb2.FileDescriptorProto(name="coatnet_onnx_subset.proto", package="coatnet_onnx_subset")
+    f = descriptor_pb2.FieldDescriptorProto
+    for name, fields in (("NodeProto", [("op_type", 4, f.TYPE_STRING, f.LABEL_OPTIONAL, None)]),
+                         ("GraphProto", [("node", 1, f.TYPE_MESSAGE, f.LABEL_REPEATED, "NodeProto")]),
+                         ("ModelProto", [("graph", 7, f.TYPE_MESSAGE, f.LABEL_OPTIONAL, "GraphProto")])):
+        message = fd.message_type.add(name=name)
+        for field_name, number, kind, label, type_name in fields:
+            field = message.field.add(name=field_name, number=number, type=kind, label=label)
+            if type_name:
+                field.type_name = f".coatnet_onnx_subset.{type_name}"
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fd)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("coatnet_onnx_subset.ModelProto"))
+
+
+def rename_onnx_ops(path: str, old: str, new: str) -> int:
+    """Rename every ``old`` node of the ONNX file at ``path`` to ``new``, in place; returns how many."""
+    model_class = _onnx_node_classes()
+    model = model_class()
+    with open(path, "rb") as f:
+        model.ParseFromString(f.read())
+    count = 0
+    for node in model.graph.node:
+        if node.op_type == old:
+            node.op_type = new
+            count += 1
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    return count
 
 
 def export_network(net, inputs, file_name: str, file_format: str) -> str:
@@ -41,14 +79,18 @@ def export_network(net, inputs, file_name: str, file_format: str) -> str:
     if os.path.isdir(path):
         raise ValueError(f"--file_name: {path} is a folder; expected a file name")
     use_stock_ops(net)  # no Custom op (a library compiled for this machine) in an exported graph
-    if file_format == "ONNX":
-        prepare_for_export(net)
+    gelus = prepare_for_export(net, erf_standin=True) if file_format == "ONNX" else 0
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
         ms.export(net, *inputs, file_name=os.path.join(work, "model"), file_format=file_format)
         written = os.path.join(work, "model" + EXTENSIONS[file_format])
+        if file_format == "ONNX":
+            renamed = rename_onnx_ops(written, ERF_STANDIN_OP, "Erf")
+            if renamed != gelus:  # the stand-in op occurs elsewhere in the graph: renaming it would be wrong
+                raise RuntimeError(f"ONNX export: expected {gelus} {ERF_STANDIN_OP} nodes standing in for Erf, "
+                                   f"found {renamed}")
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(written, 0o666 & ~umask)  # MindSpore leaves it read-only (0400)

@@ -1,6 +1,7 @@
 """export.py on real files: a seeded coatnet_tiny checkpoint exported to MINDIR and ONNX gives the
 Python model's logits, --use_ema exports the EMA weights, a checkpoint of another resolution gets its
 relative-position tables resized, and a bad request fails with one line and writes nothing."""
+import math
 import os
 import stat
 
@@ -13,7 +14,7 @@ from mindspore.train.mind_ir_pb2 import ModelProto
 from runs import run
 
 from src.checkpoint import load_checkpoint, load_into, model_weights, save_checkpoint
-from src.coatnet import create_model, prepare_for_export, resize_rel_pos_tables
+from src.coatnet import ERF_STANDIN_OP, create_model, prepare_for_export, resize_rel_pos_tables
 
 TINY = ["--model_name=coatnet_tiny", "--num_classes=10", "--image_height=32", "--image_width=32", "--batch_size=2"]
 
@@ -103,7 +104,10 @@ def test_onnx_gives_the_python_models_logits_including_relative_attention(ckpt, 
     assert stat.S_IMODE(os.stat(tmp_path).st_mode) == mode
     model = onnx.load(path)
     onnx.checker.check_model(model)
-    assert {"Gather", "Softmax"} <= {n.op_type for n in model.graph.node}
+    op_types = [n.op_type for n in model.graph.node]
+    assert {"Gather", "Softmax"} <= set(op_types)
+    # Exact GELU as ONNX's Erf (which onnxruntime fuses), not the erf-free stand-in of prepare_for_export.
+    assert op_types.count("Erf") == 8 and ERF_STANDIN_OP not in op_types  # coatnet_tiny has 8 GELUs
     x = _input()
     ref = _python_logits(ckpt, x)
     diff = np.abs(_onnx_logits(path, x) - ref).max()
@@ -181,3 +185,33 @@ def test_prepare_for_export_keeps_names_and_logits():
     x = ms.Tensor(_input() * 3)  # wide range: the erf-free GELU is exercised on large |x| too
     diff = np.abs(onnx_safe(x).asnumpy() - exact(x).asnumpy()).max()
     assert 0 < diff <= 1e-5, f"max |diff| {diff}"  # > 0: the formulations really were swapped
+
+
+def test_rename_onnx_ops_changes_only_the_op_types(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export import rename_onnx_ops
+
+    w = np.array([0.5, -1.5, 2.0], np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "w"], ["h"], name="scale"),
+         helper.make_node("Log", ["h"], ["y"], name="standin")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])], [numpy_helper.from_array(w, "w")])
+    def model():  # IR version 7, as MindSpore writes it (onnx's default is newer than onnxruntime reads)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], producer_name="test",
+                                 ir_version=7)
+
+    original = model()
+    path = str(tmp_path / "m.onnx")
+    onnx.save(original, path)
+    assert rename_onnx_ops(path, "Log", "Erf") == 1
+    renamed = onnx.load(path)
+    onnx.checker.check_model(renamed)
+    assert [(n.name, n.op_type) for n in renamed.graph.node] == [("scale", "Mul"), ("standin", "Erf")]
+    expected = model()
+    expected.graph.node[1].op_type = "Erf"
+    assert renamed == expected  # every other field (initializer, opset, producer, value infos) unchanged
+    x = np.array([1.0, 0.5, -0.25], np.float32)
+    got = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, [math.erf(v) for v in x * w], rtol=0, atol=1e-6)
