@@ -143,33 +143,21 @@ def make_divisible(v: float, divisor: int = 8) -> int:
 
 
 class GELU(nn.Cell):
-    """GELU; exact (erf) by default, ``use_erf=False`` switches to an erf-free formulation.
+    """Exact (erf) GELU.
 
     On CPU, float32 inputs go through the fused kernel of ``src.kernels`` (one pass forward, one
     backward; MindSpore's own Erf-based lowering took ~30 % of a CoAtNet-0 train step), when it is
-    available; ``use_stock_ops`` turns it off, e.g. for export.
-
-    ONNX export of MindSpore 2.10 has no converter for Erf; the alternative evaluates erf with
-    Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), so exported graphs match to ~1e-7.
+    available; ``use_stock_ops`` turns it off, e.g. for export. ONNX export swaps in ``ExportGELU``.
     """
 
     def __init__(self):
         super().__init__()
-        self.use_erf = True
         self.fused = kernels.gelu()
 
     def construct(self, x):
-        if self.use_erf:
-            if self.fused is not None and x.dtype == ms.float32:
-                return self.fused(x)
-            return ops.gelu(x, approximate="none")
-        z = ops.abs(x) * 0.7071067811865476
-        t = 1.0 / (1.0 + 0.3275911 * z)
-        poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741
-                                                           + t * (-1.453152027 + t * 1.061405429))))
-        erf_abs = 1.0 - poly * ops.exp(-z * z)
-        erf = ops.sign(x) * erf_abs
-        return 0.5 * x * (1.0 + erf)
+        if self.fused is not None and x.dtype == ms.float32:
+            return self.fused(x)
+        return ops.gelu(x, approximate="none")
 
 
 def _act(name: str) -> nn.Cell:
@@ -219,19 +207,22 @@ def _norm2d(kind: str, channels: int, eps: float) -> nn.Cell:
 class BatchNormAct2d(nn.Cell):
     """BatchNorm2d followed by an optional activation (names match timm's BatchNormAct2d).
 
-    In training on CPU (float32) the normalisation is the fused kernel of ``src.kernels`` and the
-    running statistics are updated here exactly as ``nn.BatchNorm2d`` does (unbiased variance)."""
+    On CPU (float32) the normalisation is a fused kernel of ``src.kernels``, which also applies a GELU
+    activation itself (in training without storing the normalised tensor: the backward recomputes it).
+    In training the running statistics are updated here exactly as ``nn.BatchNorm2d`` does (unbiased
+    variance); in eval mode the kernel applies them as one per-channel scale and shift."""
 
     def __init__(self, channels: int, act: str | None, eps: float = 1e-5):
         super().__init__()
         # MindSpore momentum is the weight of the old statistic: 0.9 == PyTorch's 0.1.
         self.bn = nn.BatchNorm2d(channels, eps=eps, momentum=0.9)
         self.act = _act(act) if act else None
-        self.fused = kernels.batchnorm_train()
+        self.fused_act = act == "gelu"  # the kernels apply the activation themselves
+        self.fused = kernels.batchnorm(act if self.fused_act else None)  # (train, inference) or None
         self.eps = Tensor(np.array([eps], np.float32))
 
     def _fused_train(self, x):
-        y, mean, var = self.fused(x, self.bn.gamma, self.bn.beta, self.eps)
+        y, mean, var = self.fused[0](x, self.bn.gamma, self.bn.beta, self.eps)
         mean = ops.stop_gradient(mean)
         n = x.shape[0] * x.shape[2] * x.shape[3]
         var = ops.stop_gradient(var) * (n / max(n - 1, 1))
@@ -240,11 +231,17 @@ class BatchNormAct2d(nn.Cell):
         update_var = ops.assign(self.bn.moving_variance, self.bn.moving_variance * (1.0 - new) + var * new)
         return ops.depend(y, ops.depend(update_mean, update_var))
 
+    def _fused_inference(self, x):
+        scale = self.bn.gamma / ops.sqrt(self.bn.moving_variance + self.eps)
+        return self.fused[1](x, scale, self.bn.beta - self.bn.moving_mean * scale)
+
     def construct(self, x):
-        if self.training and self.fused is not None and x.dtype == ms.float32:
-            x = self._fused_train(x)
-        else:
-            x = self.bn(x)
+        if self.fused is not None and x.dtype == ms.float32:
+            x = self._fused_train(x) if self.training else self._fused_inference(x)
+            if self.act is not None and not self.fused_act:
+                x = self.act(x)
+            return x
+        x = self.bn(x)
         if self.act is not None:
             x = self.act(x)
         return x

@@ -224,28 +224,31 @@ def test_channel_gate_equals_stock_forward_and_gradients(fused):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("act", [None, "gelu"])
 @pytest.mark.parametrize("shape", [(4, 3, 5, 7), (2, 16, 28, 28), (3, 2, 1, 1)])
-def test_fused_batchnorm_equals_stock_in_training(shape):
-    """Output, gradients of x / gamma / beta and the running statistics after two steps."""
+def test_fused_batchnorm_act_equals_stock_in_training_and_eval(shape, act):
+    """Output and gradients of x / gamma / beta for two training steps, the running statistics they
+    leave, then output and gradients in eval mode (the running statistics applied)."""
     ms.set_context(mode=ms.GRAPH_MODE)
     rng = np.random.RandomState(0)
     gamma, beta = rng.rand(shape[1]).astype(np.float32) + 0.5, rng.randn(shape[1]).astype(np.float32)
     results = []
     for fused in (True, False):
-        cell = _kernel_or_stock(BatchNormAct2d(shape[1], None, eps=1e-3), fused)
+        cell = _kernel_or_stock(BatchNormAct2d(shape[1], act, eps=1e-3), fused)
         cell.bn.gamma.set_data(ms.Tensor(gamma))
         cell.bn.beta.set_data(ms.Tensor(beta))
-        cell.set_train(True)
         data = np.random.RandomState(1)
         out = []
-        for _ in range(2):
+        for training in (True, True, False):
+            cell.set_train(training)
             x = ms.Tensor(data.randn(*shape).astype(np.float32) * 2 + 1)
             dy = ms.Tensor(data.randn(*shape).astype(np.float32))
             y, vjp_fn = ms.vjp(cell, x, weights=[cell.bn.gamma, cell.bn.beta])
             dx, (dgamma, dbeta) = vjp_fn(dy)
             dx = dx[0] if isinstance(dx, tuple) else dx
             out += [y.asnumpy(), dx.asnumpy(), dgamma.asnumpy(), dbeta.asnumpy()]
-        out += [cell.bn.moving_mean.asnumpy(), cell.bn.moving_variance.asnumpy()]
+            if training:
+                out += [cell.bn.moving_mean.asnumpy(), cell.bn.moving_variance.asnumpy()]
         results.append(out)
     for a, b in zip(results[0], results[1], strict=True):
         assert a.shape == b.shape and np.isfinite(a).all()

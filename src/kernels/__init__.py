@@ -1,6 +1,6 @@
 """Fused CPU kernels, compiled from the C++ sources next to this file on first use.
 
-``gelu()``, ``depthwise_conv3x3()``, ``batchnorm_train()``, ``softmax_grad()`` and ``channel_gate()``
+``gelu()``, ``depthwise_conv3x3()``, ``batchnorm()``, ``softmax_grad()`` and ``channel_gate()``
 return MindSpore ``Custom`` ops (func_type "aot"; the first three with their gradients attached), or
 ``None`` when they cannot or should not be used: the device target is not CPU,
 ``COATNET_CPU_KERNELS=0`` is set, or no C++ compiler builds them (then a warning says why and the
@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import tempfile
 
-__all__ = ["batchnorm_train", "channel_gate", "depthwise_conv3x3", "gelu", "kernels_enabled", "softmax_grad"]
+__all__ = ["batchnorm", "channel_gate", "depthwise_conv3x3", "gelu", "kernels_enabled", "softmax_grad"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _FLAGS = ["-std=c++17", "-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-pthread"]
@@ -182,21 +182,39 @@ def channel_gate():
 
 
 @functools.cache
-def _batchnorm_ops(lib: str):
+def _batchnorm_ops(lib: str, act: str | None):
     from mindspore import ops
 
-    backward = ops.Custom(f"{lib}:BatchNormTrainBackward", out_shape=lambda dy, x, g, m, v, e: (x, g, g),
-                          out_dtype=lambda dy, x, g, m, v, e: (x, g, g), func_type="aot")
+    kind = "BatchNormGelu" if act == "gelu" else "BatchNorm"
+    backward = ops.Custom(f"{lib}:{kind}TrainBackward", out_shape=lambda dy, x, g, b, m, v, e: (x, g, g),
+                          out_dtype=lambda dy, x, g, b, m, v, e: (x, g, g), func_type="aot")
 
-    def bprop(x, gamma, beta, eps, out, dout):
-        dx, dgamma, dbeta = backward(dout[0], x, gamma, out[1], out[2], eps)
+    def train_bprop(x, gamma, beta, eps, out, dout):
+        dx, dgamma, dbeta = backward(dout[0], x, gamma, beta, out[1], out[2], eps)
         return dx, dgamma, dbeta, ops.zeros_like(eps)
 
-    return ops.Custom(f"{lib}:BatchNormTrainForward", out_shape=lambda x, g, b, e: (x, g, g),
-                      out_dtype=lambda x, g, b, e: (x, g, g), func_type="aot", bprop=bprop)
+    train = ops.Custom(f"{lib}:{kind}TrainForward", out_shape=lambda x, g, b, e: (x, g, g),
+                       out_dtype=lambda x, g, b, e: (x, g, g), func_type="aot", bprop=train_bprop)
+
+    def inference_bprop(x, scale, shift, out, dout):
+        # Only for gradients through a BatchNorm in eval mode (frozen statistics): stock ops suffice.
+        scale, shift = scale.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1)
+        dz = dout
+        if act == "gelu":
+            z = x * scale + shift
+            dz = dout * (0.5 * (1.0 + ops.erf(z * 0.7071067811865476)) + z * ops.exp(-0.5 * z * z) * 0.3989422804014327)
+        return dz * scale, (dz * x).sum(axis=(0, 2, 3)), dz.sum(axis=(0, 2, 3))
+
+    inference = ops.Custom(f"{lib}:{kind}InferenceForward", out_shape=lambda x, s, t: x,
+                           out_dtype=lambda x, s, t: x, func_type="aot", bprop=inference_bprop)
+    return train, inference
 
 
-def batchnorm_train():
-    """``op(x, gamma, beta, eps) -> (y, batch_mean, batch_var)``: training-mode BatchNorm of an NCHW
-    float32 CPU tensor (``eps`` a (1,) tensor, ``batch_var`` biased); or None."""
-    return _ops("batchnorm.cc", _batchnorm_ops)
+def batchnorm(act: str | None = None):
+    """``(train, inference)`` for BatchNorm of an NCHW float32 CPU tensor followed by ``act`` (None or
+    "gelu"); or None. ``train(x, gamma, beta, eps) -> (y, batch_mean, batch_var)`` normalises with the
+    batch statistics (``eps`` a (1,) tensor, ``batch_var`` biased); ``inference(x, scale, shift) -> y`` is
+    ``act(x * scale + shift)`` with per-channel ``scale`` and ``shift``."""
+    if act not in (None, "gelu"):
+        raise ValueError(f"batchnorm: act must be None or 'gelu', got {act!r}")
+    return _ops("batchnorm.cc", _batchnorm_ops, act)
