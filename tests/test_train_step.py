@@ -99,9 +99,11 @@ def test_loss_scale_grows_after_the_window():
     assert int(step2.good_steps.asnumpy()) == 0
 
 
-def test_clip_norm_bounds_the_applied_gradient():
+@pytest.mark.parametrize("norm_as_matmul", [True, False])  # the CPU and the other devices' formulation
+def test_clip_norm_bounds_the_applied_gradient(norm_as_matmul):
     clip = 0.01
     net, step, _, params = _setup(clip=clip, optimizer="sgd", lr=1.0)
+    step.norm_as_matmul = norm_as_matmul
     trainable = [p for p in params if p.requires_grad]
     before = _values(trainable)
     _, finite, _, grad_norm = step(*_batch(0))
