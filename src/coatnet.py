@@ -176,16 +176,21 @@ class LayerNorm2d(nn.Cell):
     """LayerNorm over the channel axis of an NCHW tensor, computed in float32.
 
     Normalising over axis 1 directly avoids two NCHW<->NHWC transposes per call; float32 keeps the
-    statistics safe under float16 mixed precision.
-    """
+    statistics safe under float16 mixed precision. On CPU, float32 inputs go through the fused kernel of
+    ``src.kernels`` (MindSpore's reductions over axis 1 and their gradients took ~0.2 s of a CoAtNet-0
+    train step)."""
 
     def __init__(self, num_channels: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.gamma = Parameter(init.initializer("ones", (num_channels,), ms.float32), name="gamma")
         self.beta = Parameter(init.initializer("zeros", (num_channels,), ms.float32), name="beta")
+        self.fused = kernels.layernorm2d()
+        self.eps_tensor = Tensor(np.array([eps], np.float32))
 
     def construct(self, x):
+        if self.fused is not None and x.dtype == ms.float32:
+            return self.fused(x, self.gamma, self.beta, self.eps_tensor)[0]
         dtype = x.dtype
         x = x.astype(ms.float32)
         mean = x.mean(axis=1, keep_dims=True)

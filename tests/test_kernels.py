@@ -1,5 +1,5 @@
-"""The fused CPU GELU (src/kernels) equals MindSpore's exact GELU, forward and backward, and falls
-back to the stock ops when it cannot be built or is switched off."""
+"""The fused CPU kernels (src/kernels) equal MindSpore's own ops, forward and backward, alone and in
+the model, and the model falls back to the stock ops when they cannot be built or are switched off."""
 import logging
 import math
 import os
@@ -10,9 +10,18 @@ import pytest
 from mindspore import nn, ops
 
 from src import kernels
-from src.coatnet import GELU, BatchNormAct2d, ChannelGate, DepthwiseConv2d, Softmax, create_model, use_stock_ops
+from src.coatnet import (
+    GELU,
+    BatchNormAct2d,
+    ChannelGate,
+    DepthwiseConv2d,
+    LayerNorm2d,
+    Softmax,
+    create_model,
+    use_stock_ops,
+)
 
-FUSED_CELLS = (GELU, DepthwiseConv2d, ChannelGate, Softmax, BatchNormAct2d)
+FUSED_CELLS = (GELU, DepthwiseConv2d, ChannelGate, Softmax, BatchNormAct2d, LayerNorm2d)
 
 
 class _Fused(nn.Cell):
@@ -250,6 +259,28 @@ def test_fused_batchnorm_act_equals_stock_in_training_and_eval(shape, act):
             if training:
                 out += [cell.bn.moving_mean.asnumpy(), cell.bn.moving_variance.asnumpy()]
         results.append(out)
+    for a, b in zip(results[0], results[1], strict=True):
+        assert a.shape == b.shape and np.isfinite(a).all()
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(b).max()))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 7), (3, 96, 14, 14), (1, 1, 1, 1), (2, 7, 9, 15)])
+def test_fused_layernorm2d_equals_stock_forward_and_gradients(shape):
+    """(3, 96, 14, 14): 196 positions, more than one block of 64 and not a multiple of it."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    rng = np.random.RandomState(0)
+    gamma, beta = rng.rand(shape[1]).astype(np.float32) + 0.5, rng.randn(shape[1]).astype(np.float32)
+    x = ms.Tensor(rng.randn(*shape).astype(np.float32) * 3 + 2)  # mean far from 0: no cancellation
+    dy = ms.Tensor(rng.randn(*shape).astype(np.float32))
+    results = []
+    for fused in (True, False):
+        cell = _kernel_or_stock(LayerNorm2d(shape[1], eps=1e-6), fused)
+        cell.gamma.set_data(ms.Tensor(gamma))
+        cell.beta.set_data(ms.Tensor(beta))
+        y, vjp_fn = ms.vjp(cell, x, weights=[cell.gamma, cell.beta])
+        dx, (dgamma, dbeta) = vjp_fn(dy)
+        dx = dx[0] if isinstance(dx, tuple) else dx
+        results.append([y.asnumpy(), dx.asnumpy(), dgamma.asnumpy(), dbeta.asnumpy()])
     for a, b in zip(results[0], results[1], strict=True):
         assert a.shape == b.shape and np.isfinite(a).all()
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(b).max()))

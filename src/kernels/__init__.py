@@ -1,7 +1,8 @@
 """Fused CPU kernels, compiled from the C++ sources next to this file on first use.
 
-``gelu()``, ``depthwise_conv3x3()``, ``batchnorm()``, ``softmax_grad()`` and ``channel_gate()``
-return MindSpore ``Custom`` ops (func_type "aot"; the first three with their gradients attached), or
+``gelu()``, ``depthwise_conv3x3()``, ``batchnorm()``, ``layernorm2d()``, ``softmax_grad()`` and
+``channel_gate()`` return MindSpore ``Custom`` ops (func_type "aot"; the first four with their gradients
+attached), or
 ``None`` when they cannot or should not be used: the device target is not CPU,
 ``COATNET_CPU_KERNELS=0`` is set, or no C++ compiler builds them (then a warning says why and the
 model keeps MindSpore's own ops). Results equal the stock ops' within float32 rounding
@@ -22,7 +23,8 @@ import shutil
 import subprocess
 import tempfile
 
-__all__ = ["batchnorm", "channel_gate", "depthwise_conv3x3", "gelu", "kernels_enabled", "softmax_grad"]
+__all__ = ["batchnorm", "channel_gate", "depthwise_conv3x3", "gelu", "kernels_enabled", "layernorm2d",
+           "softmax_grad"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _FLAGS = ["-std=c++17", "-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-pthread"]
@@ -218,3 +220,27 @@ def batchnorm(act: str | None = None):
     if act not in (None, "gelu"):
         raise ValueError(f"batchnorm: act must be None or 'gelu', got {act!r}")
     return _ops("batchnorm.cc", _batchnorm_ops, act)
+
+
+@functools.cache
+def _layernorm2d_ops(lib: str):
+    from mindspore import ops
+
+    def stats_shape(x):
+        return [x[0], 1, x[2], x[3]]
+
+    backward = ops.Custom(f"{lib}:LayerNorm2dBackward", out_shape=lambda dy, x, g, m, r: (x, g, g),
+                          out_dtype=lambda dy, x, g, m, r: (x, g, g), func_type="aot")
+
+    def bprop(x, gamma, beta, eps, out, dout):
+        dx, dgamma, dbeta = backward(dout[0], x, gamma, out[1], out[2])
+        return dx, dgamma, dbeta, ops.zeros_like(eps)
+
+    return ops.Custom(f"{lib}:LayerNorm2dForward", out_shape=lambda x, g, b, e: (x, stats_shape(x), stats_shape(x)),
+                      out_dtype=lambda x, g, b, e: (x, x, x), func_type="aot", bprop=bprop)
+
+
+def layernorm2d():
+    """``op(x, gamma, beta, eps) -> (y, mean, rstd)``: LayerNorm over the channel axis of an NCHW float32
+    CPU tensor (``eps`` a (1,) tensor; ``mean`` and ``rstd`` (B, 1, H, W), kept for the gradient); or None."""
+    return _ops("layernorm.cc", _layernorm2d_ops)
