@@ -109,9 +109,10 @@ def main() -> None:
     if os.environ.pop("BENCH_ISA_UNSET", None):
         os.environ.pop("ONEDNN_MAX_CPU_ISA", None)  # before any oneDNN (MindSpore's or PyTorch's) runs
 
-    import torch
+    if args.only != "ours":  # PyTorch stays out of ours' process (and out of its peak RSS)
+        import torch
 
-    torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
     if args.only:
         fn = build_ours(args.model, args.batch_size, args.image_size)[0] if args.only == "ours" else \
             build_timm(args.model, args.batch_size, args.image_size)
