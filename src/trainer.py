@@ -171,6 +171,8 @@ def train(config, run: RunContext, init_weights: Callable[[CoAtNet, object], Non
         t_epoch, losses, overflows, n_steps = time.time(), [], 0, 0
         skipped_before = len(skipped_files())
         for images, target in ds.create_tuple_iterator(num_epochs=1):
+            if epoch == start_epoch and n_steps == 0:
+                step_cell.compile_for(images, target)
             global_step = _global_step(optimizer)
             loss, finite, scale, _ = step_cell(images, target)
             loss_v, finite_v = float(loss.asnumpy()), bool(finite.asnumpy())
