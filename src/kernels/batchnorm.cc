@@ -159,17 +159,26 @@ int inference_forward(int nparam, void **params, int *ndims, int64_t **shapes, c
 
 }  // namespace
 
-#define COATNET_AOT_ENTRY(name, impl)                                                                       \
-  extern "C" int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,        \
-                      void *stream, void *extra) {                                                         \
-    (void)stream;                                                                                          \
-    (void)extra;                                                                                           \
-    return impl(nparam, params, ndims, shapes, dtypes);                                                    \
-  }
+COATNET_AOT_KERNEL(BatchNormTrainForward) {
+  return train_forward<false>(nparam, params, ndims, shapes, dtypes);
+}
 
-COATNET_AOT_ENTRY(BatchNormTrainForward, train_forward<false>)
-COATNET_AOT_ENTRY(BatchNormGeluTrainForward, train_forward<true>)
-COATNET_AOT_ENTRY(BatchNormTrainBackward, train_backward<false>)
-COATNET_AOT_ENTRY(BatchNormGeluTrainBackward, train_backward<true>)
-COATNET_AOT_ENTRY(BatchNormInferenceForward, inference_forward<false>)
-COATNET_AOT_ENTRY(BatchNormGeluInferenceForward, inference_forward<true>)
+COATNET_AOT_KERNEL(BatchNormGeluTrainForward) {
+  return train_forward<true>(nparam, params, ndims, shapes, dtypes);
+}
+
+COATNET_AOT_KERNEL(BatchNormTrainBackward) {
+  return train_backward<false>(nparam, params, ndims, shapes, dtypes);
+}
+
+COATNET_AOT_KERNEL(BatchNormGeluTrainBackward) {
+  return train_backward<true>(nparam, params, ndims, shapes, dtypes);
+}
+
+COATNET_AOT_KERNEL(BatchNormInferenceForward) {
+  return inference_forward<false>(nparam, params, ndims, shapes, dtypes);
+}
+
+COATNET_AOT_KERNEL(BatchNormGeluInferenceForward) {
+  return inference_forward<true>(nparam, params, ndims, shapes, dtypes);
+}

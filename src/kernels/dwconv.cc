@@ -170,25 +170,16 @@ int forward(int nparam, void **params, int *ndims, int64_t **shapes, const char 
 }  // namespace
 
 // One symbol per stride: MindSpore identifies a Custom op (and caches its shape inference) by name.
-extern "C" int DwConv3x3Stride1Forward(int nparam, void **params, int *ndims, int64_t **shapes,
-                                       const char **dtypes, void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
+COATNET_AOT_KERNEL(DwConv3x3Stride1Forward) {
   return forward(nparam, params, ndims, shapes, dtypes);
 }
 
-extern "C" int DwConv3x3Stride2Forward(int nparam, void **params, int *ndims, int64_t **shapes,
-                                       const char **dtypes, void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
+COATNET_AOT_KERNEL(DwConv3x3Stride2Forward) {
   return forward(nparam, params, ndims, shapes, dtypes);
 }
 
 // Inputs: dy (B, C, OH, OW), weight (C, 1, 3, 3), x (B, C, H, W) (for its shape). Output: dx (B, C, H, W).
-extern "C" int DwConv3x3BackwardInput(int nparam, void **params, int *ndims, int64_t **shapes,
-                                      const char **dtypes, void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
+COATNET_AOT_KERNEL(DwConv3x3BackwardInput) {
   Geometry g;
   if (nparam != 4 || !float32_4d(nparam, ndims, dtypes) || !geometry(shapes[3], shapes[0], &g)) return 1;
   const auto *dy = static_cast<const float *>(params[0]);
@@ -212,10 +203,7 @@ extern "C" int DwConv3x3BackwardInput(int nparam, void **params, int *ndims, int
 }
 
 // Inputs: dy (B, C, OH, OW), x (B, C, H, W). Output: dweight (C, 1, 3, 3).
-extern "C" int DwConv3x3BackwardFilter(int nparam, void **params, int *ndims, int64_t **shapes,
-                                       const char **dtypes, void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
+COATNET_AOT_KERNEL(DwConv3x3BackwardFilter) {
   Geometry g;
   if (nparam != 3 || !float32_4d(nparam, ndims, dtypes) || !geometry(shapes[1], shapes[0], &g)) return 1;
   const auto *dy = static_cast<const float *>(params[0]);

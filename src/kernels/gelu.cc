@@ -29,10 +29,7 @@ void gelu_grad_range(const float *__restrict dy, const float *__restrict x, floa
 }  // namespace
 
 // Inputs: x. Output: y.
-extern "C" int GeluForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                           void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
+COATNET_AOT_KERNEL(GeluForward) {
   if (nparam != 2 || !all_float32(nparam, dtypes)) return 1;
   const auto *x = static_cast<const float *>(params[0]);
   auto *y = static_cast<float *>(params[1]);
@@ -42,10 +39,7 @@ extern "C" int GeluForward(int nparam, void **params, int *ndims, int64_t **shap
 }
 
 // Inputs: dy, x. Output: dx.
-extern "C" int GeluBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                            void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
+COATNET_AOT_KERNEL(GeluBackward) {
   if (nparam != 3 || !all_float32(nparam, dtypes)) return 1;
   const auto *dy = static_cast<const float *>(params[0]);
   const auto *x = static_cast<const float *>(params[1]);

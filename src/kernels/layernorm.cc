@@ -30,10 +30,7 @@ Layout layout(const int64_t *shape) {
 }  // namespace
 
 // Inputs: x (B, C, H, W), gamma (C), beta (C), eps (1). Outputs: y (B, C, H, W), mean, rstd (B, 1, H, W).
-extern "C" int LayerNorm2dForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                  void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
+COATNET_AOT_KERNEL(LayerNorm2dForward) {
   if (nparam != 7 || !all_float32(nparam, dtypes) || ndims[0] != 4) return 1;
   const auto *x = static_cast<const float *>(params[0]);
   const auto *gamma = static_cast<const float *>(params[1]);
@@ -80,10 +77,7 @@ extern "C" int LayerNorm2dForward(int nparam, void **params, int *ndims, int64_t
 
 // Inputs: dy, x (B, C, H, W), gamma (C), mean, rstd (B, 1, H, W). Outputs: dx (B, C, H, W), dgamma, dbeta (C).
 // dx = rstd (g - mean_c(g) - xhat mean_c(g xhat)) with g = dy gamma, xhat = (x - mean) rstd.
-extern "C" int LayerNorm2dBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                   void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
+COATNET_AOT_KERNEL(LayerNorm2dBackward) {
   if (nparam != 8 || !all_float32(nparam, dtypes) || ndims[0] != 4) return 1;
   const auto *dy = static_cast<const float *>(params[0]);
   const auto *x = static_cast<const float *>(params[1]);

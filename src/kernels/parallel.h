@@ -1,4 +1,5 @@
-// Shared by the kernels: split [0, n) across the cores this process may run on.
+// Shared by the kernels: the AOT entry-point signature, and splitting [0, n) across the cores this
+// process may run on.
 #pragma once
 
 #include <algorithm>
@@ -8,6 +9,12 @@
 #include <vector>
 
 #include <sched.h>
+
+// Defines `extern "C" int name(...)` with the signature MindSpore's Custom(func_type="aot") calls on CPU;
+// the kernel body follows: COATNET_AOT_KERNEL(GeluForward) { ... }.
+#define COATNET_AOT_KERNEL(name)                                                                        \
+  extern "C" int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,    \
+                      [[maybe_unused]] void *stream, [[maybe_unused]] void *extra)
 
 namespace coatnet {
 

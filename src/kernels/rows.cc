@@ -13,10 +13,7 @@ using coatnet::parallel_for;
 }  // namespace
 
 // Inputs: y = softmax(x) over the last axis, dy. Output: dx = y * (dy - sum(dy * y)) per row.
-extern "C" int SoftmaxBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                               void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
+COATNET_AOT_KERNEL(SoftmaxBackward) {
   if (nparam != 3 || !all_float32(nparam, dtypes) || ndims[0] < 1) return 1;
   const auto *y = static_cast<const float *>(params[0]);
   const auto *dy = static_cast<const float *>(params[1]);
@@ -38,10 +35,7 @@ extern "C" int SoftmaxBackward(int nparam, void **params, int *ndims, int64_t **
 }
 
 // Inputs: x (B, C, H, W), gate (B, C, 1, 1). Output: x * gate.
-extern "C" int ChannelGateForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                  void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
+COATNET_AOT_KERNEL(ChannelGateForward) {
   if (nparam != 3 || !all_float32(nparam, dtypes) || ndims[0] != 4) return 1;
   const auto *x = static_cast<const float *>(params[0]);
   const auto *gate = static_cast<const float *>(params[1]);
@@ -60,10 +54,7 @@ extern "C" int ChannelGateForward(int nparam, void **params, int *ndims, int64_t
 
 // Inputs: dy (B, C, H, W), x (B, C, H, W), gate (B, C, 1, 1). Outputs: dx = dy * gate,
 // dgate = sum over H, W of dy * x.
-extern "C" int ChannelGateBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                   void *stream, void *extra) {
-  (void)stream;
-  (void)extra;
+COATNET_AOT_KERNEL(ChannelGateBackward) {
   if (nparam != 5 || !all_float32(nparam, dtypes) || ndims[0] != 4) return 1;
   const auto *dy = static_cast<const float *>(params[0]);
   const auto *x = static_cast<const float *>(params[1]);
