@@ -137,3 +137,20 @@ def test_weight_decay_only_on_kernels():
     assert "stem.norm1.bn.gamma" in plain and "head.fc.bias" in plain
     assert "stages.2.blocks.0.attn.rel_pos.relative_position_bias_table" in plain
     assert "stages.2.blocks.0.norm1.norm.gamma" in plain
+
+
+@pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
+def test_compile_for_then_step_equals_a_plain_step(mode):
+    """compile_for (graph mode: compile, then free the compiler's memory; PyNative: nothing) leaves
+    the step's results unchanged."""
+    ms.set_context(mode=mode)
+    results = []
+    for compile_first in (True, False):
+        _, step, _, params = _setup()
+        if compile_first:
+            step.compile_for(*_batch(0))
+        loss, finite, _, grad_norm = step(*_batch(0))
+        results.append([loss.asnumpy(), grad_norm.asnumpy(), *_values(params)])
+        assert bool(finite.asnumpy())
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
