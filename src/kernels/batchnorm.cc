@@ -16,13 +16,9 @@
 namespace {
 
 using coatnet::all_float32;
+using coatnet::Nchw;
+using coatnet::nchw;
 using coatnet::parallel_for;
-
-struct Layout {
-  int64_t batch, channels, area;
-};
-
-Layout layout(const int64_t *shape) { return {shape[0], shape[1], shape[2] * shape[3]}; }
 
 template <bool kGelu>
 inline float activate(float z) {
@@ -44,7 +40,7 @@ int train_forward(int nparam, void **params, int *ndims, int64_t **shapes, const
   auto *y = static_cast<float *>(params[4]);
   auto *mean_out = static_cast<float *>(params[5]);
   auto *var_out = static_cast<float *>(params[6]);
-  const Layout l = layout(shapes[0]);
+  const Nchw l = nchw(shapes[0]);
   const double count = static_cast<double>(l.batch * l.area);
   parallel_for(l.channels, 2 * l.batch * l.area, [=](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
@@ -91,7 +87,7 @@ int train_backward(int nparam, void **params, int *ndims, int64_t **shapes, cons
   auto *dx = static_cast<float *>(params[7]);
   auto *dgamma = static_cast<float *>(params[8]);
   auto *dbeta = static_cast<float *>(params[9]);
-  const Layout l = layout(shapes[0]);
+  const Nchw l = nchw(shapes[0]);
   const double count = static_cast<double>(l.batch * l.area);
   parallel_for(l.channels, 2 * l.batch * l.area, [=](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
@@ -145,7 +141,7 @@ int inference_forward(int nparam, void **params, int *ndims, int64_t **shapes, c
   const auto *scale = static_cast<const float *>(params[1]);
   const auto *shift = static_cast<const float *>(params[2]);
   auto *y = static_cast<float *>(params[3]);
-  const Layout l = layout(shapes[0]);
+  const Nchw l = nchw(shapes[0]);
   parallel_for(l.batch * l.channels, l.area, [=](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const float s = scale[p % l.channels], t = shift[p % l.channels];

@@ -14,18 +14,11 @@
 namespace {
 
 using coatnet::all_float32;
+using coatnet::Nchw;
+using coatnet::nchw;
 using coatnet::parallel_for;
 
 constexpr int64_t kBlock = 64;  // positions per work item
-
-struct Layout {
-  int64_t batch, channels, area, blocks;  // blocks of positions per image
-};
-
-Layout layout(const int64_t *shape) {
-  const int64_t area = shape[2] * shape[3];
-  return {shape[0], shape[1], area, (area + kBlock - 1) / kBlock};
-}
 
 }  // namespace
 
@@ -39,11 +32,12 @@ COATNET_AOT_KERNEL(LayerNorm2dForward) {
   auto *y = static_cast<float *>(params[4]);
   auto *mean_out = static_cast<float *>(params[5]);
   auto *rstd_out = static_cast<float *>(params[6]);
-  const Layout l = layout(shapes[0]);
-  parallel_for(l.batch * l.blocks, 3 * l.channels * kBlock, [=](int64_t begin, int64_t end) {
+  const Nchw l = nchw(shapes[0]);
+  const int64_t blocks = (l.area + kBlock - 1) / kBlock;  // of positions, per image
+  parallel_for(l.batch * blocks, 3 * l.channels * kBlock, [=](int64_t begin, int64_t end) {
     float mean[kBlock], rstd[kBlock];
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / l.blocks, p0 = (item % l.blocks) * kBlock, n = std::min(kBlock, l.area - p0);
+      const int64_t b = item / blocks, p0 = (item % blocks) * kBlock, n = std::min(kBlock, l.area - p0);
       const float *xb = x + b * l.channels * l.area + p0;
       float *yb = y + b * l.channels * l.area + p0;
       for (int64_t i = 0; i < n; ++i) mean[i] = rstd[i] = 0.0f;
@@ -87,14 +81,15 @@ COATNET_AOT_KERNEL(LayerNorm2dBackward) {
   auto *dx = static_cast<float *>(params[5]);
   auto *dgamma = static_cast<float *>(params[6]);
   auto *dbeta = static_cast<float *>(params[7]);
-  const Layout l = layout(shapes[0]);
+  const Nchw l = nchw(shapes[0]);
+  const int64_t blocks = (l.area + kBlock - 1) / kBlock;  // of positions, per image
   std::vector<double> dgamma_sum(l.channels, 0.0), dbeta_sum(l.channels, 0.0);
   std::mutex merge;
-  parallel_for(l.batch * l.blocks, 3 * l.channels * kBlock, [&](int64_t begin, int64_t end) {
+  parallel_for(l.batch * blocks, 3 * l.channels * kBlock, [&](int64_t begin, int64_t end) {
     std::vector<double> dg(l.channels, 0.0), db(l.channels, 0.0);  // this thread's part
     float mean_g[kBlock], mean_gx[kBlock];
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / l.blocks, p0 = (item % l.blocks) * kBlock, n = std::min(kBlock, l.area - p0);
+      const int64_t b = item / blocks, p0 = (item % blocks) * kBlock, n = std::min(kBlock, l.area - p0);
       const int64_t offset = b * l.channels * l.area + p0;
       const float *__restrict mean = mean_in + b * l.area + p0;
       const float *__restrict rstd = rstd_in + b * l.area + p0;

@@ -1,5 +1,5 @@
-// Shared by the kernels: the AOT entry-point signature, and splitting [0, n) across the cores this
-// process may run on.
+// Shared by the kernels: the AOT entry-point signature, NCHW sizes, and splitting [0, n) across the
+// cores this process may run on.
 #pragma once
 
 #include <algorithm>
@@ -38,6 +38,13 @@ void parallel_for(int64_t n, int64_t work_per_item, Body body) {
   body((chunks - 1) * step, n);
   for (auto &w : workers) w.join();
 }
+
+// An NCHW tensor's sizes, its H x W plane flattened to `area`.
+struct Nchw {
+  int64_t batch, channels, area;
+};
+
+inline Nchw nchw(const int64_t *shape) { return {shape[0], shape[1], shape[2] * shape[3]}; }
 
 inline int64_t element_count(int ndim, const int64_t *shape) {
   int64_t n = 1;

@@ -8,6 +8,8 @@ namespace {
 
 using coatnet::all_float32;
 using coatnet::element_count;
+using coatnet::Nchw;
+using coatnet::nchw;
 using coatnet::parallel_for;
 
 }  // namespace
@@ -40,13 +42,13 @@ COATNET_AOT_KERNEL(ChannelGateForward) {
   const auto *x = static_cast<const float *>(params[0]);
   const auto *gate = static_cast<const float *>(params[1]);
   auto *y = static_cast<float *>(params[2]);
-  const int64_t area = shapes[0][2] * shapes[0][3];
-  parallel_for(shapes[0][0] * shapes[0][1], area, [=](int64_t begin, int64_t end) {
+  const Nchw l = nchw(shapes[0]);
+  parallel_for(l.batch * l.channels, l.area, [=](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const float g = gate[p];
-      const float *__restrict xr = x + p * area;
-      float *__restrict yr = y + p * area;
-      for (int64_t i = 0; i < area; ++i) yr[i] = xr[i] * g;
+      const float *__restrict xr = x + p * l.area;
+      float *__restrict yr = y + p * l.area;
+      for (int64_t i = 0; i < l.area; ++i) yr[i] = xr[i] * g;
     }
   });
   return 0;
@@ -61,16 +63,16 @@ COATNET_AOT_KERNEL(ChannelGateBackward) {
   const auto *gate = static_cast<const float *>(params[2]);
   auto *dx = static_cast<float *>(params[3]);
   auto *dgate = static_cast<float *>(params[4]);
-  const int64_t area = shapes[0][2] * shapes[0][3];
-  parallel_for(shapes[0][0] * shapes[0][1], area, [=](int64_t begin, int64_t end) {
+  const Nchw l = nchw(shapes[0]);
+  parallel_for(l.batch * l.channels, l.area, [=](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const float g = gate[p];
-      const float *__restrict gr = dy + p * area;
-      const float *__restrict xr = x + p * area;
-      float *__restrict out = dx + p * area;
+      const float *__restrict gr = dy + p * l.area;
+      const float *__restrict xr = x + p * l.area;
+      float *__restrict out = dx + p * l.area;
       float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < area; ++i) {
+      for (int64_t i = 0; i < l.area; ++i) {
         sum += gr[i] * xr[i];
         out[i] = gr[i] * g;
       }
