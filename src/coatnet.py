@@ -186,7 +186,7 @@ class LayerNorm2d(nn.Cell):
         self.gamma = Parameter(init.initializer("ones", (num_channels,), ms.float32), name="gamma")
         self.beta = Parameter(init.initializer("zeros", (num_channels,), ms.float32), name="beta")
         self.fused = kernels.layernorm2d()
-        self.eps_tensor = Tensor(np.array([eps], np.float32))
+        self.eps_tensor = Tensor(np.array([eps], np.float32))  # the kernel takes eps as a (1,) tensor
 
     def construct(self, x):
         if self.fused is not None and x.dtype == ms.float32:
@@ -224,10 +224,10 @@ class BatchNormAct2d(nn.Cell):
         self.act = _act(act) if act else None
         self.fused_act = act == "gelu"  # the kernels apply the activation themselves
         self.fused = kernels.batchnorm(act if self.fused_act else None)  # (train, inference) or None
-        self.eps = Tensor(np.array([eps], np.float32))
+        self.eps_tensor = Tensor(np.array([eps], np.float32))  # the kernels take eps as a (1,) tensor
 
     def _fused_train(self, x):
-        y, mean, var = self.fused[0](x, self.bn.gamma, self.bn.beta, self.eps)
+        y, mean, var = self.fused[0](x, self.bn.gamma, self.bn.beta, self.eps_tensor)
         mean = ops.stop_gradient(mean)
         n = x.shape[0] * x.shape[2] * x.shape[3]
         var = ops.stop_gradient(var) * (n / max(n - 1, 1))
@@ -237,7 +237,7 @@ class BatchNormAct2d(nn.Cell):
         return ops.depend(y, ops.depend(update_mean, update_var))
 
     def _fused_inference(self, x):
-        scale = self.bn.gamma / ops.sqrt(self.bn.moving_variance + self.eps)
+        scale = self.bn.gamma / ops.sqrt(self.bn.moving_variance + self.eps_tensor)
         return self.fused[1](x, scale, self.bn.beta - self.bn.moving_mean * scale)
 
     def construct(self, x):
@@ -856,10 +856,10 @@ def use_stock_ops(net: nn.Cell) -> nn.Cell:
 
 def prepare_for_export(net: nn.Cell, erf_standin: bool = False) -> int:
     """Swap, in place, the cells MindSpore 2.10 cannot export to ONNX for equivalents it can: GELU
-    (no converter for Erf, nor for Sign in GELU's own erf-free branch; ``erf_standin``: see
-    ``ExportGELU``) and LayerNorm2d (none for Rsqrt). Logits move by ~1e-6. Every other op of the
-    model (Conv, BatchNorm, 2x2 AvgPool, ReduceMean, Gather by a constant index, MatMul, Softmax, Split,
-    Transpose, Cast, Sigmoid, Tanh) converts as is. Only for ONNX: MINDIR keeps the exact ops.
+    (no converter for Erf; ``erf_standin``: see ``ExportGELU``) and LayerNorm2d (none for Rsqrt).
+    Logits move by ~1e-6. Every other op of the model (Conv, BatchNorm, 2x2 AvgPool, ReduceMean,
+    Gather by a constant index, MatMul, Softmax, Split, Transpose, Cast, Sigmoid, Tanh) converts as is.
+    Only for ONNX: MINDIR keeps the exact ops.
 
     Parameters stay the same objects under the same names, so weights load before or after. Swap
     before the network's first graph-mode call: a graph compiled earlier keeps the old cells

@@ -106,7 +106,7 @@ def test_onnx_gives_the_python_models_logits_including_relative_attention(ckpt, 
     onnx.checker.check_model(model)
     op_types = [n.op_type for n in model.graph.node]
     assert {"Gather", "Softmax"} <= set(op_types)
-    # Exact GELU as ONNX's Erf (which onnxruntime fuses), not the erf-free stand-in of prepare_for_export.
+    # Exact GELU as ONNX's Erf (which onnxruntime fuses): every Log stand-in renamed, none left.
     assert op_types.count("Erf") == 8 and ERF_STANDIN_OP not in op_types  # coatnet_tiny has 8 GELUs
     x = _input()
     ref = _python_logits(ckpt, x)

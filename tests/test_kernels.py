@@ -54,6 +54,21 @@ def _output_and_input_grads(cell, inputs, dy) -> list[np.ndarray]:
     return [y.asnumpy(), *(g.asnumpy() for g in (grads if isinstance(grads, tuple) else (grads,)))]
 
 
+def _output_and_norm_grads(cell, x, dy) -> list[np.ndarray]:
+    """[y, dx, dgamma, dbeta] of a normalisation ``cell`` (BatchNormAct2d or LayerNorm2d), as NumPy."""
+    norm = getattr(cell, "bn", cell)
+    y, vjp_fn = ms.vjp(cell, x, weights=[norm.gamma, norm.beta])
+    dx, (dgamma, dbeta) = vjp_fn(dy)
+    dx = dx[0] if isinstance(dx, tuple) else dx
+    return [y.asnumpy(), dx.asnumpy(), dgamma.asnumpy(), dbeta.asnumpy()]
+
+
+def _assert_all_close(fused: list[np.ndarray], stock: list[np.ndarray]) -> None:
+    for a, b in zip(fused, stock, strict=True):
+        assert a.shape == b.shape and np.isfinite(a).all()
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(b).max()))
+
+
 def _kernel_or_stock(cell, fused: bool):
     """``cell`` with its fused kernel (which must have built here), or switched to the stock ops."""
     assert cell.fused is not None, "the fused kernel must build on the CPU test machine"
@@ -252,16 +267,11 @@ def test_fused_batchnorm_act_equals_stock_in_training_and_eval(shape, act):
             cell.set_train(training)
             x = ms.Tensor(data.randn(*shape).astype(np.float32) * 2 + 1)
             dy = ms.Tensor(data.randn(*shape).astype(np.float32))
-            y, vjp_fn = ms.vjp(cell, x, weights=[cell.bn.gamma, cell.bn.beta])
-            dx, (dgamma, dbeta) = vjp_fn(dy)
-            dx = dx[0] if isinstance(dx, tuple) else dx
-            out += [y.asnumpy(), dx.asnumpy(), dgamma.asnumpy(), dbeta.asnumpy()]
+            out += _output_and_norm_grads(cell, x, dy)
             if training:
                 out += [cell.bn.moving_mean.asnumpy(), cell.bn.moving_variance.asnumpy()]
         results.append(out)
-    for a, b in zip(results[0], results[1], strict=True):
-        assert a.shape == b.shape and np.isfinite(a).all()
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(b).max()))
+    _assert_all_close(*results)
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 3, 7), (3, 96, 14, 14), (1, 1, 1, 1), (2, 7, 9, 15)])
@@ -277,10 +287,5 @@ def test_fused_layernorm2d_equals_stock_forward_and_gradients(shape):
         cell = _kernel_or_stock(LayerNorm2d(shape[1], eps=1e-6), fused)
         cell.gamma.set_data(ms.Tensor(gamma))
         cell.beta.set_data(ms.Tensor(beta))
-        y, vjp_fn = ms.vjp(cell, x, weights=[cell.gamma, cell.beta])
-        dx, (dgamma, dbeta) = vjp_fn(dy)
-        dx = dx[0] if isinstance(dx, tuple) else dx
-        results.append([y.asnumpy(), dx.asnumpy(), dgamma.asnumpy(), dbeta.asnumpy()])
-    for a, b in zip(results[0], results[1], strict=True):
-        assert a.shape == b.shape and np.isfinite(a).all()
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(b).max()))
+        results.append(_output_and_norm_grads(cell, x, dy))
+    _assert_all_close(*results)

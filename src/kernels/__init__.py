@@ -2,8 +2,7 @@
 
 ``gelu()``, ``depthwise_conv3x3()``, ``batchnorm()``, ``layernorm2d()``, ``softmax_grad()`` and
 ``channel_gate()`` return MindSpore ``Custom`` ops (func_type "aot"; the first four with their gradients
-attached), or
-``None`` when they cannot or should not be used: the device target is not CPU,
+attached), or ``None`` when they cannot or should not be used: the device target is not CPU,
 ``COATNET_CPU_KERNELS=0`` is set, or no C++ compiler builds them (then a warning says why and the
 model keeps MindSpore's own ops). Results equal the stock ops' within float32 rounding
 (tests/test_kernels.py).
