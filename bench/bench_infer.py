@@ -2,15 +2,17 @@
 MINDIR (GraphCell) and the exported ONNX in onnxruntime, against timm eager and torch.compile, in one
 run with the same input, batch, float32 and thread count. Random weights; nothing is downloaded.
 
-    .venv/bin/python bench/bench_infer.py [--model coatnet_0] [--batch_size 8] [--image_size 224]
+    .venv/bin/python bench/bench_infer.py [--model coatnet_0_224] [--batch_size 8] [--image_size 224]
                                           [--iters 5] [--threads 2] [--compile_timeout 900]
 
 Each runtime is timed in its own child process, one after the other, so that no runtime's thread pool
 or allocator state touches another's; torch.compile past --compile_timeout is stopped and reported as
 such. The load average is printed with the figures: on a shared machine other processes move them.
 
-``--model coatnet_tiny`` is a quick check: its timm reference is timm's coatnet_0 configuration with
-coatnet_tiny's widths and depths (same parameter count).
+A timm-named ``--model`` is compared with timm's model of that name (the same network). For the original
+MindSpore variants (``coatnet_0`` ...) the reference is timm's structure of the same size
+(``coatnet_0_224``), or for ``coatnet_tiny`` (a quick check) timm's coatnet_0 configuration with
+coatnet_tiny's widths and depths.
 """
 from __future__ import annotations
 
@@ -36,10 +38,10 @@ def timm_reference(name: str, image_size: int):
     import timm
     from timm.models import maxxvit
 
-    from src.coatnet import MODEL_CFGS, TIMM_NAMES
+    from src.coatnet import MODEL_CFGS, TIMM_MODELS
 
-    if name in TIMM_NAMES:
-        model = timm.create_model(TIMM_NAMES[name], img_size=image_size)
+    if name in TIMM_MODELS or f"{name}_224" in TIMM_MODELS:
+        model = timm.create_model(name if name in TIMM_MODELS else f"{name}_224", img_size=image_size)
     else:
         ours = MODEL_CFGS[name]
         cfg = dataclasses.replace(maxxvit.model_cfgs["coatnet_0"], embed_dim=ours.embed_dim, depths=ours.depths,

@@ -1,7 +1,9 @@
-"""Model benchmark: params and GMACs at 224 for the paper variants, and CPU inference img/s of
-coatnet_0 in MindSpore graph mode against timm in the same run (same threads, batch, input).
+"""Model benchmark: params and GMACs at 224 of the original MindSpore variants (coatnet_0 ... coatnet_4) and
+timm's structures (coatnet_0_224 ...), and CPU inference img/s of ``--model`` (a timm-named variant,
+default coatnet_0_224) in MindSpore graph mode against timm's model of that name in the same run (same
+threads, batch, input).
 
-    .venv/bin/python bench/bench_model.py [--batch_size 8] [--iters 5] [--threads 2]
+    .venv/bin/python bench/bench_model.py [--model coatnet_0_224] [--batch_size 8] [--iters 5] [--threads 2]
 """
 
 from common import base_parser, count_macs, median_time
@@ -17,15 +19,18 @@ def main() -> None:
     import timm
     import torch
 
-    from src.coatnet import TIMM_NAMES, create_model
+    from src.coatnet import TIMM_MODELS, create_model
 
+    if args.model not in TIMM_MODELS:
+        ap.error(f"--model must be a timm-named variant ({', '.join(TIMM_MODELS)})")
     torch.set_num_threads(args.threads)
     if not args.skip_table:
-        print(f"{'model':<10} {'params (M)':>11} {'GMACs@224':>10}")
-        for name in ("coatnet_0", "coatnet_1", "coatnet_2", "coatnet_3", "coatnet_4"):
-            net = create_model(name)
-            params = sum(p.size for p in net.trainable_params())
-            print(f"{name:<10} {params / 1e6:>11.2f} {count_macs(net, 224) / 1e9:>10.2f}")
+        print(f"{'model':<14} {'params':>12} {'GMACs@224':>10}")
+        for size in range(5):
+            for name in (f"coatnet_{size}", f"coatnet_{size}_224"):
+                net = create_model(name)
+                params = sum(p.size for p in net.trainable_params())
+                print(f"{name:<14} {params:>12,} {count_macs(net, 224) / 1e9:>10.2f}")
 
     x = np.random.RandomState(0).randn(args.batch_size, 3, args.image_size, args.image_size).astype(np.float32)
     ms.set_context(mode=ms.GRAPH_MODE, jit_config={"jit_level": "O1"})
@@ -33,7 +38,7 @@ def main() -> None:
     net.set_train(False)
     xt = ms.Tensor(x)
     t_ms = median_time(lambda: net(xt).asnumpy(), args.iters)
-    ref = timm.create_model(TIMM_NAMES[args.model], img_size=args.image_size).eval()
+    ref = timm.create_model(args.model, img_size=args.image_size).eval()
     xp = torch.from_numpy(x)
     with torch.no_grad():
         t_timm = median_time(lambda: ref(xp), args.iters)

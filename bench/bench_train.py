@@ -1,7 +1,10 @@
 """Training-step benchmark: our full compiled train step (loss scale check, clip-norm, AdamW, EMA)
-against timm's equivalent PyTorch step.
+against timm's equivalent PyTorch step, on the same network (``--model``, a timm-named variant, default
+coatnet_0_224), with the original MindSpore network of that size (``--seed_model``, default coatnet_0)
+reported beside it.
 
-    .venv/bin/python bench/bench_train.py [--model coatnet_0] [--batch_size 8] [--iters 5] [--threads 2]
+    .venv/bin/python bench/bench_train.py [--model coatnet_0_224] [--seed_model coatnet_0] [--batch_size 8]
+                                          [--iters 5] [--threads 2]
 
 1. Each side alone in its own child process (img/s = batch / median step time after 2 warm-up
    steps, and peak RSS), under both oneDNN ISA settings: ours with this suite's default
@@ -10,6 +13,8 @@ against timm's equivalent PyTorch step.
    ``AVX2`` and with the variable unset (PyTorch's default).
 2. Both sides alternating step by step in this process (``AVX2``), so both see the same machine
    state. Note: in one process MindSpore's idle worker threads share the cores with PyTorch.
+3. ``--seed_model`` alone in its own child process (``AVX2``): img/s, share of peak (its own GFLOP
+   count), peak RSS. It has no timm counterpart to race: its ratio is against the same timm step.
 
 Prints img/s, ratios and the share of the machine's nominal fp32 peak (2 cores x 64 FLOP/cycle x
 2.3 GHz = 294 GFLOP/s) reached, counting 3 x 2 x MACs per image. ``--only ours|timm`` runs one side
@@ -39,7 +44,7 @@ def build_ours(name, batch, size):
 
     ms.set_context(mode=ms.GRAPH_MODE, jit_config={"jit_level": "O1"})
     ms.set_seed(0)
-    net = create_model(name, image_size=size)
+    net = create_model(name, image_size=size, drop_path_rate=0.0)  # as timm's side: no stochastic depth
     names = canonical_names(net)
     params = net.trainable_params()
     opt = nn.AdamWeightDecay(param_groups(params, 0.05, names), learning_rate=1e-4, eps=1e-6)
@@ -59,10 +64,8 @@ def build_timm(name, batch, size):
     import torch
     from timm.utils import ModelEmaV3
 
-    from src.coatnet import TIMM_NAMES
-
     torch.manual_seed(0)
-    model = timm.create_model(TIMM_NAMES[name], img_size=size).train()
+    model = timm.create_model(name, img_size=size).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, eps=1e-6)
     ema = ModelEmaV3(model, decay=0.9999)
     x = torch.randn(batch, 3, size, size)
@@ -86,15 +89,17 @@ def _time(fn):
     return time.perf_counter() - t
 
 
-def _alone(side: str, args, isa: str | None, iters: int) -> dict:
-    """Run ``--only side`` in a child process with ONEDNN_MAX_CPU_ISA=isa (None: unset)."""
+def _alone(side: str, args, isa: str | None, iters: int, model: str | None = None) -> dict:
+    """Run ``--only side`` (of ``model``, default ``--model``) in a child process with
+    ONEDNN_MAX_CPU_ISA=isa (None: unset)."""
     env = dict(os.environ)
     env.pop("ONEDNN_MAX_CPU_ISA", None)
     if isa is not None:
         env["ONEDNN_MAX_CPU_ISA"] = isa
     else:
         env["BENCH_ISA_UNSET"] = "1"  # src sets AVX2 on import; the child drops it again
-    cmd = [sys.executable, __file__, "--only", side, "--model", args.model, "--batch_size", str(args.batch_size),
+    cmd = [sys.executable, __file__, "--only", side, "--model", model or args.model,
+           "--batch_size", str(args.batch_size),
            "--image_size", str(args.image_size), "--iters", str(iters), "--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -106,7 +111,12 @@ def main() -> None:
     ap = base_parser(__doc__)
     ap.add_argument("--only", choices=["ours", "timm"], help="run one side alone (for peak RSS)")
     ap.add_argument("--slow_isa_iters", type=int, default=2, help="timed steps of ours under ONEDNN_MAX_CPU_ISA=ALL")
+    ap.add_argument("--seed_model", default="coatnet_0", help="original-network variant reported beside ('' : none)")
     args = ap.parse_args()
+    from src.coatnet import TIMM_MODELS
+
+    if args.model not in TIMM_MODELS and args.only != "ours":
+        ap.error(f"--model must be a timm-named variant ({', '.join(TIMM_MODELS)}) to race timm's model")
     if os.environ.pop("BENCH_ISA_UNSET", None):
         os.environ.pop("ONEDNN_MAX_CPU_ISA", None)  # before any oneDNN (MindSpore's or PyTorch's) runs
 
@@ -115,14 +125,17 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     if args.only:
-        fn = build_ours(args.model, args.batch_size, args.image_size)[0] if args.only == "ours" else \
-            build_timm(args.model, args.batch_size, args.image_size)
+        fn, net = build_ours(args.model, args.batch_size, args.image_size) if args.only == "ours" else \
+            (build_timm(args.model, args.batch_size, args.image_size), None)
         for _ in range(2):
             fn()
         times = [_time(fn) for _ in range(args.iters)]
-        print(json.dumps({"img_s": args.batch_size / statistics.median(times),
-                          "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
-                          "isa": os.environ.get("ONEDNN_MAX_CPU_ISA")}))
+        result = {"img_s": args.batch_size / statistics.median(times),
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+                  "isa": os.environ.get("ONEDNN_MAX_CPU_ISA")}
+        if net is not None:
+            result["gflop_per_img"] = 3 * 2 * count_macs(net, args.image_size) / 1e9
+        print(json.dumps(result))
         return
 
     # Alone first, each in a child process: with both models (and MindSpore's compiled graph) alive
@@ -131,6 +144,7 @@ def main() -> None:
              ("timm", "AVX2"): _alone("timm", args, "AVX2", args.iters),
              ("timm", None): _alone("timm", args, None, args.iters),
              ("ours", "ALL"): _alone("ours", args, "ALL", args.slow_isa_iters)}
+    seed = _alone("ours", args, "AVX2", args.iters, args.seed_model) if args.seed_model else None
     ours, net = build_ours(args.model, args.batch_size, args.image_size)
     theirs = build_timm(args.model, args.batch_size, args.image_size)
     for _ in range(2):  # warm-up (graph compile, allocator)
@@ -144,8 +158,8 @@ def main() -> None:
     ips_timm = args.batch_size / statistics.median(t_timm)
     gflop_per_img = 3 * 2 * count_macs(net, args.image_size) / 1e9
 
-    def peak(ips: float) -> str:
-        return f"{100 * ips * gflop_per_img / PEAK_GFLOPS:.1f}% of peak"
+    def peak(ips: float, gflop: float = gflop_per_img) -> str:
+        return f"{100 * ips * gflop / PEAK_GFLOPS:.1f}% of peak"
 
     def show(key) -> str:
         r = alone[key]
@@ -169,6 +183,16 @@ def main() -> None:
     print(f"  ours (MindSpore graph, loss scale + clip + AdamW + EMA): {ips_ours:.2f} img/s ({peak(ips_ours)})")
     print(f"  timm (PyTorch eager, clip + AdamW + EMA):              {ips_timm:.2f} img/s ({peak(ips_timm)})")
     print(f"  ratio ours/timm: {ips_ours / ips_timm:.2f}x")
+    if seed is not None:
+        print(f"the original MindSpore network {args.seed_model} (alone, own process, ONEDNN_MAX_CPU_ISA=AVX2):")
+        if "error" in seed:
+            print(f"  {seed['error']}")
+        else:
+            vs = alone[("timm", None)]
+            ratio = f"; vs timm {args.model} alone (ISA unset) {seed['img_s'] / vs['img_s']:.2f}x" \
+                if "error" not in vs else ""
+            print(f"  {seed['img_s']:.2f} img/s ({peak(seed['img_s'], seed['gflop_per_img'])}, "
+                  f"{seed['gflop_per_img']:.1f} GFLOP/img), peak RSS {seed['rss_mb']} MB{ratio}")
 
 
 if __name__ == "__main__":

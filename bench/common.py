@@ -70,7 +70,7 @@ def base_parser(doc: str):
     import argparse
 
     ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
-    ap.add_argument("--model", default="coatnet_0")
+    ap.add_argument("--model", default="coatnet_0_224")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--image_size", type=int, default=224)
     ap.add_argument("--iters", type=int, default=5)

@@ -114,7 +114,9 @@ def _save_exact(entries: list, tmp: str) -> None:
 
 
 def load_checkpoint(path: str) -> dict[str, np.ndarray]:
-    """Read a checkpoint into name -> numpy array; one clear error if it is missing or unreadable."""
+    """Read a checkpoint into name -> numpy array; one clear error if it is missing or unreadable.
+    A checkpoint written by the original MindSpore CoAtNet comes back in our names and layouts
+    (``src.original_layout``)."""
     if not path:
         raise CheckpointError("no checkpoint given: set --checkpoint_path (or --pretrained / --resume)")
     if not os.path.isfile(path):
@@ -123,7 +125,15 @@ def load_checkpoint(path: str) -> dict[str, np.ndarray]:
         params = ms.load_checkpoint(path)
     except Exception as exc:  # MindSpore raises ValueError/RuntimeError with multi-line text
         raise CheckpointError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
-    return {k: v.asnumpy() for k, v in params.items()}
+    arrays = {k: v.asnumpy() for k, v in params.items()}
+    from src import original_layout  # imports this module
+
+    if original_layout.is_original_layout(arrays):
+        try:
+            return original_layout.from_original(arrays)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+    return arrays
 
 
 def read_metadata(path: str) -> dict:

@@ -42,18 +42,25 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ConvCfg:
-    """MBConv block settings (paper Sec. 2.1 / Appendix A.1)."""
+    """MBConv block and stem settings (paper Sec. 2.1 / Appendix A.1)."""
 
     expand_ratio: float = 4.0
-    expand_output: bool = True  # mid channels from output (paper) or input (timm 'rw') width
-    stride_mode: str = "dw"  # downsample in the depthwise conv ('dw') or by a 2x2 avg pool ('pool')
+    expand_output: bool = True  # mid channels from output (paper) or input (original, timm 'rw') width
+    # Where a stride-2 block downsamples: in the depthwise conv ('dw'), by a 2x2 pool before the
+    # expansion ('pool'), or in the 1x1 expansion conv itself ('expand', the original MindSpore code).
+    stride_mode: str = "dw"
+    pool_type: str = "avg"  # 2x2 pool of the shortcut (and of stride_mode 'pool'): 'avg' | 'max'
+    always_project: bool = False  # 1x1 shortcut conv on downsampling even when the width is unchanged
     pre_norm_act: bool = False  # activation after the pre-norm ('rw' variants)
     output_bias: bool = True  # bias on the shortcut and final 1x1 projection
     se_early: bool = False  # squeeze-excitation before norm2 instead of after it
     se_ratio: float = 0.25
+    se_from_input: bool = False  # SE width from the block's input width (original) instead of out/mid
     se_act: str = "silu"
-    act: str = "gelu"
+    act: str = "gelu"  # 'gelu' (exact erf) | 'gelu_tanh' (MindSpore's nn.GELU()) | 'silu'
     norm_eps: float = 1e-5
+    norm_momentum: float = 0.9  # MindSpore convention: weight of the old running statistic
+    stem_padding: str = "symmetric"  # stride-2 stem conv: 1 each side, or MindSpore 'same' (0 before, 1 after)
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,12 @@ class TransformerCfg:
     expand_ratio: float = 4.0
     expand_first: bool = True  # channel expansion in qkv (paper) or in the output projection ('rw')
     shortcut_bias: bool = True
+    pool_type: str = "avg"  # 2x2 pool of the shortcut and before attention on downsampling: 'avg' | 'max'
+    always_project: bool = False  # shortcut projection on downsampling even when the width is unchanged
+    qk_scale_split: bool = False  # scale q and k each by dim_head^-0.25 (original) instead of q by ^-0.5
+    # How a checkpoint's bias tables are resized to a new window (fine-tuning 224 -> 384): 'bicubic'
+    # (timm) or 'bilinear' with align_corners=True (the original's finetune.py, ResizeBilinear).
+    rel_pos_resize: str = "bicubic"
     norm: str = "layernorm"  # 'layernorm' | 'batchnorm'
     norm_eps: float = 1e-6
     init_values: float | None = None  # LayerScale init; None disables LayerScale
@@ -79,6 +92,26 @@ class CoAtNetCfg:
     conv: ConvCfg = field(default_factory=ConvCfg)
     transformer: TransformerCfg = field(default_factory=TransformerCfg)
     block_types: tuple[str, str, str, str] = ("C", "C", "T", "T")
+    drop_path_rate: float = 0.3  # the variant's own stochastic-depth rate (used unless one is given)
+    # 'timm': EfficientNet fan-out normal for convs, xavier-uniform for transformer and head (timm's
+    # 'vit_eff'); 'normal': MindSpore 1.6's defaults the original relied on, N(0, 0.01) for every conv
+    # and dense kernel, zero biases, TruncatedNormal(0.01) relative-position tables.
+    init: str = "timm"
+
+
+def _seed(embed_dim, depths, stem: int, drop_path_rate: float) -> CoAtNetCfg:
+    # The original MindSpore CoAtNet (hw666666666666/CoAtNet, src/coatnet.py) behind the seed's ImageNet
+    # table: expansion and SE width from the block input, stride in the 1x1 expansion conv, 2x2 max-pool
+    # shortcuts that always project, BatchNorm eps 1e-3 / momentum 0.99, LayerNorm eps 1e-5,
+    # MindSpore's tanh GELU, 'same' stem padding, q and k each scaled by dim_head^-0.25.
+    return CoAtNetCfg(
+        tuple(embed_dim), tuple(depths), (stem, stem), embed_dim[-1],
+        conv=ConvCfg(expand_output=False, stride_mode="expand", pool_type="max", always_project=True,
+                     se_from_input=True, act="gelu_tanh", norm_eps=1e-3, norm_momentum=0.99,
+                     stem_padding="same"),
+        transformer=TransformerCfg(pool_type="max", always_project=True, qk_scale_split=True, norm_eps=1e-5,
+                                   act="gelu_tanh", rel_pos_resize="bilinear"),
+        drop_path_rate=drop_path_rate, init="normal")
 
 
 def _rw_coat(stride_mode="pool", se_early=False, se_act="relu", shortcut_bias=True, norm="layernorm",
@@ -101,33 +134,39 @@ def _rw_max(stride_mode="dw") -> dict:
     )
 
 
-#: Paper Table 3 (coatnet_0 ... coatnet_4) and timm's variants with published ImageNet weights.
-#: name: (embed_dim S1-S4, depths S1-S4, stem widths S0, head hidden size, block settings)
+#: Paper Table 3 as the original MindSpore project built it (coatnet_0 ... coatnet_4; its drop-path
+#: rates for 0/1/2, the paper's ImageNet-1K rate for 3), and timm's structures under timm's own names.
+#: name: (embed_dim S1-S4, depths S1-S4, stem width S0, drop path) / (embed_dim, depths, stem widths, head)
 MODEL_CFGS: dict[str, CoAtNetCfg] = {
-    # ---- paper ----------------------------------------------------------------------------------
-    "coatnet_0": CoAtNetCfg((96, 192, 384, 768), (2, 3, 5, 2), (64, 64), 768),
-    "coatnet_1": CoAtNetCfg((96, 192, 384, 768), (2, 6, 14, 2), (64, 64), 768),
-    "coatnet_2": CoAtNetCfg((128, 256, 512, 1024), (2, 6, 14, 2), (128, 128), 1024),
-    "coatnet_3": CoAtNetCfg((192, 384, 768, 1536), (2, 6, 14, 2), (192, 192), 1536),
-    "coatnet_4": CoAtNetCfg((192, 384, 768, 1536), (2, 12, 28, 2), (192, 192), 1536),
-    # ---- timm 'rw' variants (same structure as timm's *_224 names) ------------------------------
-    "coatnet_nano_rw": CoAtNetCfg((64, 128, 256, 512), (3, 4, 6, 3), (32, 64), None, **_rw_max("pool")),
-    "coatnet_0_rw": CoAtNetCfg((96, 192, 384, 768), (2, 3, 7, 2), (32, 64), None,
-                               **_rw_coat(se_early=True, shortcut_bias=False)),
-    "coatnet_1_rw": CoAtNetCfg((96, 192, 384, 768), (2, 6, 14, 2), (32, 64), None,
-                               **_rw_coat("dw", se_early=True, shortcut_bias=False)),
-    "coatnet_2_rw": CoAtNetCfg((128, 256, 512, 1024), (2, 6, 14, 2), (64, 128), None,
-                               **_rw_coat("dw", se_act="silu")),
-    "coatnet_3_rw": CoAtNetCfg((192, 384, 768, 1536), (2, 6, 14, 2), (96, 192), None,
-                               **_rw_coat("dw", se_act="silu", init_values=1e-6)),
-    "coatnet_bn_0_rw": CoAtNetCfg((96, 192, 384, 768), (2, 3, 7, 2), (32, 64), None,
-                                  **_rw_coat("dw", se_early=True, shortcut_bias=False, norm="batchnorm")),
-    # ---- tests and the CPU demo: every stage type, runs at 32x32 ----------------------------------
-    "coatnet_tiny": CoAtNetCfg((32, 48, 64, 128), (1, 1, 2, 1), (16, 32), 128),
+    # ---- the original MindSpore CoAtNet (seed README's table) ----------------------------------
+    "coatnet_0": _seed((96, 192, 384, 768), (2, 3, 5, 2), 64, 0.2),
+    "coatnet_1": _seed((96, 192, 384, 768), (2, 6, 14, 2), 64, 0.3),
+    "coatnet_2": _seed((128, 256, 512, 1024), (2, 6, 14, 2), 128, 0.5),
+    "coatnet_3": _seed((192, 384, 768, 1536), (2, 6, 14, 2), 192, 0.7),
+    "coatnet_4": _seed((192, 384, 768, 1536), (2, 12, 28, 2), 192, 0.7),
+    # ---- tests and the CPU demo: the original's design, every stage type, runs at 32x32 ------------
+    "coatnet_tiny": _seed((32, 48, 64, 128), (1, 1, 2, 1), 16, 0.1),
+    # ---- timm's paper structures and 'rw' variants with published ImageNet weights ---------------
+    "coatnet_0_224": CoAtNetCfg((96, 192, 384, 768), (2, 3, 5, 2), (64, 64), 768),
+    "coatnet_1_224": CoAtNetCfg((96, 192, 384, 768), (2, 6, 14, 2), (64, 64), 768),
+    "coatnet_2_224": CoAtNetCfg((128, 256, 512, 1024), (2, 6, 14, 2), (128, 128), 1024),
+    "coatnet_3_224": CoAtNetCfg((192, 384, 768, 1536), (2, 6, 14, 2), (192, 192), 1536),
+    "coatnet_4_224": CoAtNetCfg((192, 384, 768, 1536), (2, 12, 28, 2), (192, 192), 1536),
+    "coatnet_nano_rw_224": CoAtNetCfg((64, 128, 256, 512), (3, 4, 6, 3), (32, 64), None, **_rw_max("pool")),
+    "coatnet_0_rw_224": CoAtNetCfg((96, 192, 384, 768), (2, 3, 7, 2), (32, 64), None,
+                                   **_rw_coat(se_early=True, shortcut_bias=False)),
+    "coatnet_1_rw_224": CoAtNetCfg((96, 192, 384, 768), (2, 6, 14, 2), (32, 64), None,
+                                   **_rw_coat("dw", se_early=True, shortcut_bias=False)),
+    "coatnet_2_rw_224": CoAtNetCfg((128, 256, 512, 1024), (2, 6, 14, 2), (64, 128), None,
+                                   **_rw_coat("dw", se_act="silu")),
+    "coatnet_3_rw_224": CoAtNetCfg((192, 384, 768, 1536), (2, 6, 14, 2), (96, 192), None,
+                                   **_rw_coat("dw", se_act="silu", init_values=1e-6)),
+    "coatnet_bn_0_rw_224": CoAtNetCfg((96, 192, 384, 768), (2, 3, 7, 2), (32, 64), None,
+                                      **_rw_coat("dw", se_early=True, shortcut_bias=False, norm="batchnorm")),
 }
 
-#: timm model name for each of ours (weights convert between the two).
-TIMM_NAMES = {name: f"{name}_224" for name in MODEL_CFGS if name != "coatnet_tiny"}
+#: The variants whose structure (and parameter names after src/convert_timm.py) is timm's.
+TIMM_MODELS: tuple[str, ...] = tuple(name for name in MODEL_CFGS if name.endswith("_224"))
 
 
 def list_models() -> list[str]:
@@ -143,26 +182,31 @@ def make_divisible(v: float, divisor: int = 8) -> int:
 
 
 class GELU(nn.Cell):
-    """Exact (erf) GELU.
+    """GELU, exact (``approximate="none"``, timm) or MindSpore's tanh form (``"tanh"``, what the
+    original's ``nn.GELU()`` computes).
 
     On CPU, float32 inputs go through the fused kernel of ``src.kernels`` (one pass forward, one
     backward; MindSpore's own Erf-based lowering took ~30 % of a CoAtNet-0 train step), when it is
     available; ``use_stock_ops`` turns it off, e.g. for export. ONNX export swaps in ``ExportGELU``.
     """
 
-    def __init__(self):
+    def __init__(self, approximate: str = "none"):
         super().__init__()
-        self.fused = kernels.gelu()
+        self.approximate = approximate
+        self.fused = kernels.gelu(approximate)
 
     def construct(self, x):
         if self.fused is not None and x.dtype == ms.float32:
             return self.fused(x)
-        return ops.gelu(x, approximate="none")
+        return ops.gelu(x, approximate=self.approximate)
+
+
+_GELU_FORMS = {"gelu": "none", "gelu_tanh": "tanh"}
 
 
 def _act(name: str) -> nn.Cell:
-    if name == "gelu":
-        return GELU()
+    if name in _GELU_FORMS:
+        return GELU(_GELU_FORMS[name])
     if name == "silu":
         return nn.SiLU()
     if name == "relu":
@@ -201,11 +245,11 @@ class LayerNorm2d(nn.Cell):
         return y.astype(dtype)
 
 
-def _norm2d(kind: str, channels: int, eps: float) -> nn.Cell:
+def _norm2d(kind: str, channels: int, eps: float, momentum: float = 0.9) -> nn.Cell:
     if kind == "layernorm":
         return LayerNorm2d(channels, eps)
     if kind == "batchnorm":
-        return nn.BatchNorm2d(channels, eps=eps, momentum=0.9)
+        return nn.BatchNorm2d(channels, eps=eps, momentum=momentum)
     raise ValueError(f"unknown norm '{kind}'")
 
 
@@ -217,12 +261,12 @@ class BatchNormAct2d(nn.Cell):
     In training the running statistics are updated here exactly as ``nn.BatchNorm2d`` does (unbiased
     variance); in eval mode the kernel applies them as one per-channel scale and shift."""
 
-    def __init__(self, channels: int, act: str | None, eps: float = 1e-5):
+    def __init__(self, channels: int, act: str | None, eps: float = 1e-5, momentum: float = 0.9):
         super().__init__()
         # MindSpore momentum is the weight of the old statistic: 0.9 == PyTorch's 0.1.
-        self.bn = nn.BatchNorm2d(channels, eps=eps, momentum=0.9)
+        self.bn = nn.BatchNorm2d(channels, eps=eps, momentum=momentum)
         self.act = _act(act) if act else None
-        self.fused_act = act == "gelu"  # the kernels apply the activation themselves
+        self.fused_act = act in _GELU_FORMS  # the kernels apply the activation themselves
         self.fused = kernels.batchnorm(act if self.fused_act else None)  # (train, inference) or None
         self.eps_tensor = Tensor(np.array([eps], np.float32))  # the kernels take eps as a (1,) tensor
 
@@ -291,13 +335,23 @@ class DropPath(nn.Cell):
         return x / self.keep_prob * mask
 
 
-class Downsample2d(nn.Cell):
-    """2x2 average pool (stride 2), then a 1x1 conv when the width changes (paper Eq. 5 shortcut)."""
+def _pool2x2(kind: str) -> nn.Cell:
+    if kind == "avg":
+        return nn.AvgPool2d(kernel_size=2, stride=2)
+    if kind == "max":
+        # The original's 'same' 2x2 max pool (ExtractImagePatches + ReduceMax): no padding on the even
+        # sizes a CoAtNet sees, so this is the same operation with a CPU kernel.
+        return nn.MaxPool2d(kernel_size=2, stride=2)
+    raise ValueError(f"unknown pool type '{kind}'")
 
-    def __init__(self, dim: int, dim_out: int, bias: bool = True):
+
+class Downsample2d(nn.Cell):
+    """2x2 pool (stride 2), then a 1x1 conv when the width changes or ``project`` (paper Eq. 5 shortcut)."""
+
+    def __init__(self, dim: int, dim_out: int, bias: bool = True, pool: str = "avg", project: bool = False):
         super().__init__()
-        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
-        self.expand = nn.Conv2d(dim, dim_out, 1, has_bias=bias) if dim != dim_out else None
+        self.pool = _pool2x2(pool)
+        self.expand = nn.Conv2d(dim, dim_out, 1, has_bias=bias) if dim != dim_out or project else None
 
     def construct(self, x):
         x = self.pool(x)
@@ -374,19 +428,28 @@ class MBConvBlock(nn.Cell):
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, cfg: ConvCfg, drop_path: float):
         super().__init__()
+        if cfg.stride_mode not in ("dw", "pool", "expand"):
+            raise ValueError(f"unknown stride_mode '{cfg.stride_mode}'")
+        # make_divisible leaves the even widths of every variant unchanged (the original: int(in * 4)).
         mid_chs = make_divisible((out_chs if cfg.expand_output else in_chs) * cfg.expand_ratio)
-        self.shortcut = Downsample2d(in_chs, out_chs, bias=cfg.output_bias) if stride == 2 else None
+        self.shortcut = Downsample2d(in_chs, out_chs, bias=cfg.output_bias, pool=cfg.pool_type,
+                                     project=cfg.always_project) if stride == 2 else None
         pool_stride = stride if cfg.stride_mode == "pool" else 1
         dw_stride = stride if cfg.stride_mode == "dw" else 1
-        self.pre_norm = BatchNormAct2d(in_chs, cfg.act if cfg.pre_norm_act else None, cfg.norm_eps)
-        self.down = nn.AvgPool2d(kernel_size=2, stride=2) if pool_stride > 1 else None
-        self.conv1_1x1 = _conv(in_chs, mid_chs, 1, bias=False)
-        self.norm1 = BatchNormAct2d(mid_chs, cfg.act, cfg.norm_eps)
+        expand_stride = stride if cfg.stride_mode == "expand" else 1
+        norm = dict(eps=cfg.norm_eps, momentum=cfg.norm_momentum)
+        self.pre_norm = BatchNormAct2d(in_chs, cfg.act if cfg.pre_norm_act else None, **norm)
+        self.down = _pool2x2(cfg.pool_type) if pool_stride > 1 else None
+        self.conv1_1x1 = _conv(in_chs, mid_chs, 1, stride=expand_stride, bias=False)
+        self.norm1 = BatchNormAct2d(mid_chs, cfg.act, **norm)
         self.conv2_kxk = DepthwiseConv2d(mid_chs, 3, stride=dw_stride)
-        rd = int(cfg.se_ratio * (out_chs if cfg.expand_output else mid_chs))
+        if cfg.se_from_input:
+            rd = int(cfg.se_ratio * in_chs)
+        else:
+            rd = int(cfg.se_ratio * (out_chs if cfg.expand_output else mid_chs))
         se = SqueezeExcite(mid_chs, rd, cfg.se_act)
         self.se_early = se if cfg.se_early else None
-        self.norm2 = BatchNormAct2d(mid_chs, cfg.act, cfg.norm_eps)
+        self.norm2 = BatchNormAct2d(mid_chs, cfg.act, **norm)
         self.se = None if cfg.se_early else se
         self.conv3_1x1 = _conv(mid_chs, out_chs, 1, bias=cfg.output_bias)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else None
@@ -423,9 +486,10 @@ class RelPosBias(nn.Cell):
     """Per-head relative position bias (paper Eq. 3): a learned (2H-1)(2W-1) x heads table,
     gathered once per forward by a constant index into an (heads, HW, HW) bias."""
 
-    def __init__(self, window: tuple[int, int], num_heads: int):
+    def __init__(self, window: tuple[int, int], num_heads: int, resize_mode: str = "bicubic"):
         super().__init__()
         self.window = tuple(window)
+        self.resize_mode = resize_mode  # how a table of another window is fitted to this one
         self.num_heads = num_heads
         n = (2 * window[0] - 1) * (2 * window[1] - 1)
         self.relative_position_bias_table = Parameter(
@@ -461,9 +525,11 @@ class Attention2d(nn.Cell):
         dim_attn = dim_out if cfg.expand_first else dim
         self.num_heads = dim_attn // cfg.dim_head
         self.dim_head = cfg.dim_head
-        self.scale = cfg.dim_head ** -0.5
+        # The original scales q and k each by dim_head^-0.25 (smaller float16 products); timm q by ^-0.5.
+        self.qk_scale_split = cfg.qk_scale_split
+        self.scale = cfg.dim_head ** (-0.25 if cfg.qk_scale_split else -0.5)
         self.qkv = nn.Conv2d(dim, dim_attn * 3, 1, has_bias=True)
-        self.rel_pos = RelPosBias(window, self.num_heads)
+        self.rel_pos = RelPosBias(window, self.num_heads, cfg.rel_pos_resize)
         self.proj = nn.Conv2d(dim_attn, dim_out, 1, has_bias=True)
         # Transposed operands via the matmul flags: no (B, heads, N, N) transposes, forward or backward.
         self.matmul_tn = ops.BatchMatMul(transpose_a=True)
@@ -476,6 +542,8 @@ class Attention2d(nn.Cell):
         # Channel layout of qkv is head-major: (head, [q|k|v], dim_head), as timm's head_first.
         qkv = self.qkv(x).reshape(b, self.num_heads, self.dim_head * 3, h * w)
         q, k, v = ops.split(qkv, self.dim_head, axis=2)
+        if self.qk_scale_split:
+            k = k * self.scale
         attn = self.matmul_tn(q * self.scale, k)  # q^T k: B, heads, N, N
         # Softmax and the bias add in float32: safe under float16 mixed precision.
         attn = self.add_bias(attn.astype(ms.float32), self.rel_pos())
@@ -507,10 +575,10 @@ class ConvMlp(nn.Cell):
 class PreNormDown(nn.Cell):
     """Norm then 2x2 pool: the pre-norm of a downsampling transformer block (paper Eq. 5)."""
 
-    def __init__(self, norm: nn.Cell, dim: int):
+    def __init__(self, norm: nn.Cell, dim: int, pool: str = "avg"):
         super().__init__()
         self.norm = norm
-        self.down = Downsample2d(dim, dim)
+        self.down = Downsample2d(dim, dim, pool=pool)
 
     def construct(self, x):
         return self.down(self.norm(x))
@@ -523,8 +591,9 @@ class TransformerBlock2d(nn.Cell):
                  drop_path: float):
         super().__init__()
         if stride == 2:
-            self.shortcut = Downsample2d(dim, dim_out, bias=cfg.shortcut_bias)
-            self.norm1 = PreNormDown(_norm2d(cfg.norm, dim, cfg.norm_eps), dim)
+            self.shortcut = Downsample2d(dim, dim_out, bias=cfg.shortcut_bias, pool=cfg.pool_type,
+                                         project=cfg.always_project)
+            self.norm1 = PreNormDown(_norm2d(cfg.norm, dim, cfg.norm_eps), dim, cfg.pool_type)
         else:
             if dim != dim_out:
                 raise ValueError(f"a stride-1 transformer block needs dim == dim_out, got {dim} -> {dim_out}")
@@ -559,8 +628,13 @@ class Stem(nn.Cell):
 
     def __init__(self, in_chs: int, widths: tuple[int, int], cfg: ConvCfg):
         super().__init__()
-        self.conv1 = _conv(in_chs, widths[0], 3, stride=2, bias=False)
-        self.norm1 = BatchNormAct2d(widths[0], cfg.act, cfg.norm_eps)
+        if cfg.stem_padding == "same":  # MindSpore's default, as the original: (0, 1) at stride 2
+            self.conv1 = nn.Conv2d(in_chs, widths[0], 3, stride=2, pad_mode="same", has_bias=False)
+        elif cfg.stem_padding == "symmetric":
+            self.conv1 = _conv(in_chs, widths[0], 3, stride=2, bias=False)
+        else:
+            raise ValueError(f"unknown stem_padding '{cfg.stem_padding}'")
+        self.norm1 = BatchNormAct2d(widths[0], cfg.act, cfg.norm_eps, cfg.norm_momentum)
         self.conv2 = _conv(widths[0], widths[1], 3, bias=False)
 
     def construct(self, x):
@@ -628,16 +702,20 @@ def _to_2tuple(v) -> tuple[int, int]:
 
 class CoAtNet(nn.Cell):
     def __init__(self, cfg: CoAtNetCfg, num_classes: int = 1000, image_size=224, in_chans: int = 3,
-                 drop_path_rate: float = 0.0, drop_rate: float = 0.0):
+                 drop_path_rate: float | None = None, drop_rate: float = 0.0):
         super().__init__()
         image_size = _to_2tuple(image_size)
         if image_size[0] % 32 or image_size[1] % 32:
             raise ValueError(f"image_size must be divisible by 32, got {image_size[0]}x{image_size[1]}")
+        if drop_path_rate is None:
+            drop_path_rate = cfg.drop_path_rate
         self.cfg = cfg
         self.num_classes = num_classes
         self.image_size = image_size
+        self.drop_path_rate = drop_path_rate
         self.stem = Stem(in_chans, cfg.stem_width, cfg.conv)
-        # Stochastic depth grows linearly with depth (paper Appendix A.2), constant within a stage.
+        # Stochastic depth grows linearly with the block index over the whole network (paper
+        # Appendix A.2; the original's np.linspace(0, rate, sum(depths))).
         total = sum(cfg.depths)
         rates = np.linspace(0.0, drop_path_rate, total).tolist() if total > 1 else [drop_path_rate]
         stages, in_chs, feat, start = [], cfg.stem_width[1], (image_size[0] // 2, image_size[1] // 2), 0
@@ -670,29 +748,13 @@ class CoAtNet(nn.Cell):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # Conv stages as EfficientNet (normal, fan-out), transformer/head as ViT (xavier uniform);
-        # the same schemes timm uses ('vit_eff'), so training from scratch behaves alike.
-        for name, cell in self.cells_and_names():
-            in_transformer = ".blocks." in name and isinstance(self._block_of(name), TransformerBlock2d)
-            if isinstance(cell, nn.Conv2d):
-                if in_transformer:
-                    cell.weight.set_data(init.initializer(init.XavierUniform(), cell.weight.shape))
-                else:
-                    k = cell.kernel_size
-                    fan_out = k[0] * k[1] * cell.out_channels // cell.group
-                    cell.weight.set_data(init.initializer(init.Normal(math.sqrt(2.0 / fan_out)),
-                                                          cell.weight.shape))
-                if cell.has_bias:
-                    cell.bias.set_data(init.initializer("zeros", cell.bias.shape))
-            elif isinstance(cell, nn.Dense):
-                cell.weight.set_data(init.initializer(init.XavierUniform(), cell.weight.shape))
-                cell.bias.set_data(init.initializer("zeros", cell.bias.shape))
-
-    def _block_of(self, name: str):
-        parts = name.split(".")
-        if len(parts) < 4 or parts[0] != "stages":
-            return None
-        return self.stages[int(parts[1])].blocks[int(parts[3])]
+        if self.cfg.init not in ("timm", "normal"):
+            raise ValueError(f"unknown init scheme '{self.cfg.init}'")
+        parts = [(self.stem, False), (self.head, True)]
+        parts += [(block, isinstance(block, TransformerBlock2d)) for stage in self.stages for block in stage.blocks]
+        for part, transformer in parts:
+            for _, cell in part.cells_and_names():
+                _init_cell(cell, self.cfg.init, transformer)
 
     def forward_features(self, x):
         x = self.stem(x)
@@ -706,10 +768,37 @@ class CoAtNet(nn.Cell):
         return self.head(self.forward_features(x))
 
 
-def create_model(name: str, num_classes: int = 1000, image_size=224, drop_path_rate: float = 0.0,
+def _init_cell(cell: nn.Cell, scheme: str, transformer: bool) -> None:
+    """Initialise the kernels of one conv/dense cell (and a relative-position table) by ``scheme``.
+
+    'timm': convs outside the transformer blocks as EfficientNet (normal, fan-out), transformer convs and
+    dense layers xavier-uniform ('vit_eff'), biases zero, tables TruncatedNormal(0.02) (set at creation).
+    'normal': what the original got from MindSpore 1.6's defaults: N(0, 0.01) for every conv and dense
+    kernel, zero biases, TruncatedNormal(0.01) tables."""
+    if isinstance(cell, RelPosBias):
+        if scheme == "normal":
+            table = cell.relative_position_bias_table
+            table.set_data(init.initializer(init.TruncatedNormal(0.01), table.shape, ms.float32))
+        return
+    if not isinstance(cell, (nn.Conv2d, nn.Dense)):
+        return
+    if scheme == "normal":
+        weight_init = init.Normal(0.01)
+    elif isinstance(cell, nn.Dense) or transformer:
+        weight_init = init.XavierUniform()
+    else:
+        k = cell.kernel_size
+        weight_init = init.Normal(math.sqrt(2.0 / (k[0] * k[1] * cell.out_channels // cell.group)))
+    cell.weight.set_data(init.initializer(weight_init, cell.weight.shape))
+    if cell.has_bias:
+        cell.bias.set_data(init.initializer("zeros", cell.bias.shape))
+
+
+def create_model(name: str, num_classes: int = 1000, image_size=224, drop_path_rate: float | None = None,
                  **kw) -> CoAtNet:
-    """Build a CoAtNet variant by name (see ``list_models()``). ``kw`` goes to :class:`CoAtNet`
-    (``drop_rate``, ``in_chans``) or overrides fields of the variant's :class:`CoAtNetCfg`."""
+    """Build a CoAtNet variant by name (see ``list_models()``). ``drop_path_rate`` None: the variant's own
+    rate. ``kw`` goes to :class:`CoAtNet` (``drop_rate``, ``in_chans``) or overrides fields of the
+    variant's :class:`CoAtNetCfg`."""
     if name not in MODEL_CFGS:
         raise ValueError(f"unknown model '{name}'; available: {', '.join(list_models())}")
     cfg = MODEL_CFGS[name]
@@ -746,10 +835,31 @@ def _cubic_weights(in_size: int, out_size: int) -> np.ndarray:
     return m
 
 
+def _linear_weights(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) matrix of 1-D linear interpolation with align_corners=True (MindSpore's
+    ``ResizeBilinear(size, align_corners=True)``, used by the original's fine-tuning)."""
+    m = np.zeros((out_size, in_size), np.float64)
+    scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+    for i in range(out_size):
+        src = i * scale
+        x0 = min(int(math.floor(src)), in_size - 1)
+        x1 = min(x0 + 1, in_size - 1)
+        t = src - x0
+        m[i, x0] += 1.0 - t
+        m[i, x1] += t
+    return m
+
+
+_RESIZE_WEIGHTS = {"bicubic": _cubic_weights, "bilinear": _linear_weights}
+
+
 def resize_rel_pos_bias_table(table: np.ndarray, new_window: tuple[int, int],
-                              old_window: tuple[int, int] | None = None) -> np.ndarray:
-    """Resize a ((2H-1)(2W-1), heads) bias table to a new window by bicubic interpolation on the
-    (2H-1) x (2W-1) grid of relative offsets (used to fine-tune 224 -> 384)."""
+                              old_window: tuple[int, int] | None = None, mode: str = "bicubic") -> np.ndarray:
+    """Resize a ((2H-1)(2W-1), heads) bias table to a new window by interpolating each head on the
+    (2H-1) x (2W-1) grid of relative offsets (used to fine-tune 224 -> 384): ``mode`` 'bicubic'
+    (timm's) or 'bilinear' (align_corners=True, the original's)."""
+    if mode not in _RESIZE_WEIGHTS:
+        raise ValueError(f"unknown table resize mode '{mode}'; expected one of {', '.join(_RESIZE_WEIGHTS)}")
     table = np.asarray(table, np.float32)
     n, heads = table.shape
     if old_window is None:
@@ -763,7 +873,8 @@ def resize_rel_pos_bias_table(table: np.ndarray, new_window: tuple[int, int],
     if src == dst:
         return table
     grid = table.reshape(src[0], src[1], heads).transpose(2, 0, 1)
-    wy, wx = _cubic_weights(src[0], dst[0]), _cubic_weights(src[1], dst[1])
+    weights = _RESIZE_WEIGHTS[mode]
+    wy, wx = weights(src[0], dst[0]), weights(src[1], dst[1])
     out = np.einsum("ij,hjk,lk->hil", wy, grid.astype(np.float64), wx)
     return out.transpose(1, 2, 0).reshape(-1, heads).astype(np.float32)
 
@@ -771,16 +882,16 @@ def resize_rel_pos_bias_table(table: np.ndarray, new_window: tuple[int, int],
 def resize_rel_pos_tables(state: dict, net: CoAtNet) -> dict:
     """Return ``state`` (name -> array-like) with every relative-position table resized to the
     window of the matching layer in ``net`` (e.g. a 224 checkpoint for a 384 model)."""
-    windows = {name: cell.window for name, cell in net.cells_and_names() if isinstance(cell, RelPosBias)}
+    tables = {name: cell for name, cell in net.cells_and_names() if isinstance(cell, RelPosBias)}
     out = dict(state)
     for key, value in state.items():
         if key.endswith("relative_position_bias_table"):
             owner = key[: -len(".relative_position_bias_table")]
-            if owner in windows:
+            if owner in tables:
                 arr = value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)
-                w = windows[owner]
+                w = tables[owner].window
                 if arr.shape[0] != (2 * w[0] - 1) * (2 * w[1] - 1):  # same window: nothing to resize
-                    out[key] = resize_rel_pos_bias_table(arr, w)
+                    out[key] = resize_rel_pos_bias_table(arr, w, mode=tables[owner].resize_mode)
     return out
 
 
@@ -796,7 +907,11 @@ ERF_STANDIN_OP = "Log"
 
 
 class ExportGELU(nn.Cell):
-    """Exact GELU written with ops MindSpore 2.10's ONNX exporter converts.
+    """GELU written with ops MindSpore 2.10's ONNX exporter converts.
+
+    ``approximate="tanh"`` (MindSpore's ``nn.GELU()``, the original network): 0.5 x (1 + tanh(u)), u =
+    sqrt(2/pi) (x + 0.044715 x^3), written as x sigmoid(2u), which converts as is (MindSpore 2.10's CPU
+    Tanh is ~1e-4 off near |u| = 5; its Sigmoid is not). The exact form (``"none"``):
 
     ``erf_standin=True`` (what ONNX export uses): 0.5 x (1 + erf(x / sqrt 2)) with ``ERF_STANDIN_OP``
     in place of erf; the graph computes GELU only once the stand-in is renamed to Erf in the ONNX file.
@@ -806,11 +921,14 @@ class ExportGELU(nn.Cell):
     x Phi(x) = relu(x) - 0.5 |x| erfc(|x| / sqrt 2) for either sign of x. It runs as is anywhere.
     """
 
-    def __init__(self, erf_standin: bool = False):
+    def __init__(self, erf_standin: bool = False, approximate: str = "none"):
         super().__init__(auto_prefix=False)
         self.erf_standin = erf_standin
+        self.tanh_form = approximate == "tanh"
 
     def construct(self, x):
+        if self.tanh_form:
+            return x * ops.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
         if self.erf_standin:
             return x * (1.0 + ops.log(ops.div(x, 1.4142135623730951))) * 0.5
         ax = ops.abs(x)
@@ -863,15 +981,16 @@ def prepare_for_export(net: nn.Cell, erf_standin: bool = False) -> int:
 
     Parameters stay the same objects under the same names, so weights load before or after. Swap
     before the network's first graph-mode call: a graph compiled earlier keeps the old cells
-    (``mindspore.export`` compiles its own graph and sees the new ones). Returns the number of GELUs."""
+    (``mindspore.export`` compiles its own graph and sees the new ones). Returns the number of exact
+    GELUs (each written with one ``ERF_STANDIN_OP`` when ``erf_standin``); tanh GELUs need no stand-in."""
     swaps = []
     for _, parent in net.cells_and_names():
         for child_name, child in parent.name_cells().items():
             if isinstance(child, GELU):
-                swaps.append((parent, child_name, ExportGELU(erf_standin)))
+                swaps.append((parent, child_name, ExportGELU(erf_standin, child.approximate)))
             elif isinstance(child, LayerNorm2d):
                 swaps.append((parent, child_name, ExportLayerNorm2d(child)))
     for parent, child_name, cell in swaps:
         # insert_child_to_cell, unlike attribute assignment, does not re-prefix parameter names.
         parent.insert_child_to_cell(child_name, cell)
-    return sum(isinstance(cell, ExportGELU) for _, _, cell in swaps)
+    return sum(isinstance(cell, ExportGELU) and not cell.tanh_form for _, _, cell in swaps)

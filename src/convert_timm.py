@@ -23,7 +23,7 @@ import numpy as np
 
 import src  # noqa: F401  (CPU ISA default before mindspore loads)
 from src.checkpoint import CheckpointError, save_checkpoint
-from src.coatnet import MODEL_CFGS, create_model
+from src.coatnet import MODEL_CFGS, TIMM_MODELS, create_model
 
 # timm's pretrained_cfg of each CoAtNet (mean, std, crop_pct, interpolation): weights must be
 # evaluated the way they were trained. tests/test_convert_timm.py checks these against timm.
@@ -32,10 +32,10 @@ _IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 TIMM_PREPROCESS = {
     name: {"image_mean": list(_TIMM_MEAN_STD[0]), "image_std": list(_TIMM_MEAN_STD[1]),
            "crop_pct": 0.95, "interpolation": "bicubic"}
-    for name in MODEL_CFGS if name != "coatnet_tiny"
+    for name in TIMM_MODELS
 }
-TIMM_PREPROCESS["coatnet_nano_rw"]["crop_pct"] = 0.9
-TIMM_PREPROCESS["coatnet_bn_0_rw"].update(image_mean=list(_IMAGENET_MEAN_STD[0]),
+TIMM_PREPROCESS["coatnet_nano_rw_224"]["crop_pct"] = 0.9
+TIMM_PREPROCESS["coatnet_bn_0_rw_224"].update(image_mean=list(_IMAGENET_MEAN_STD[0]),
                                           image_std=list(_IMAGENET_MEAN_STD[1]))
 
 _NORM_NAMES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean",
@@ -45,12 +45,14 @@ _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, 
 
 
 def our_name(timm_model: str) -> str:
-    """'coatnet_0_rw_224' -> 'coatnet_0_rw'; our own names pass through."""
+    """Our variant for a timm model name: the same name without a pretrained tag
+    ('coatnet_0_rw_224.sw_in1k' -> 'coatnet_0_rw_224')."""
     name = timm_model.split(".")[0]
-    if name not in MODEL_CFGS and name.endswith(("_224", "_384")):
-        name = name[:-4]
-    if name not in MODEL_CFGS:
-        raise ValueError(f"unknown CoAtNet variant '{timm_model}'; known: {', '.join(sorted(MODEL_CFGS))}")
+    if name in MODEL_CFGS and name not in TIMM_MODELS:
+        raise ValueError(f"'{name}' is the original MindSpore CoAtNet, not a timm structure; timm's "
+                         f"'{name}' is '{name}_224'")
+    if name not in TIMM_MODELS:
+        raise ValueError(f"unknown timm CoAtNet '{timm_model}'; known: {', '.join(TIMM_MODELS)}")
     return name
 
 
@@ -151,7 +153,7 @@ def convert(model: str, src_path: str, dst_path: str) -> dict[str, np.ndarray]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="timm name (coatnet_0_rw_224) or ours (coatnet_0_rw)")
+    parser.add_argument("--model", required=True, help="timm name, e.g. coatnet_0_rw_224 (our variant of that name)")
     parser.add_argument("--src", required=True, help="timm weights: .safetensors, .pth or .bin")
     parser.add_argument("--dst", required=True, help="MindSpore checkpoint to write (.ckpt)")
     args = parser.parse_args(argv)

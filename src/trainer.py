@@ -22,9 +22,11 @@ __all__ = ["build_model", "train"]
 
 
 def build_model(config) -> CoAtNet:
+    """The configured variant; ``drop_path_rate`` -1 takes the variant's own rate."""
     return create_model(config.model_name, num_classes=config.num_classes,
                         image_size=(config.image_height, config.image_width),
-                        drop_path_rate=config.drop_path_rate, drop_rate=config.head_drop_rate)
+                        drop_path_rate=None if config.drop_path_rate < 0 else config.drop_path_rate,
+                        drop_rate=config.head_drop_rate)
 
 
 def _epoch_config(config, epoch: int):

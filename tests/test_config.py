@@ -16,6 +16,14 @@ def test_defaults_are_the_seed_contract():
     assert c.model_name == "coatnet_1" and c.device_target == "CPU" and c.amp_level == "O0"
 
 
+def test_drop_path_rate_defaults_to_the_variants_own():
+    from src.trainer import build_model
+
+    assert load_config([]).drop_path_rate == -1.0
+    assert build_model(load_config(["--model_name=coatnet_0"])).drop_path_rate == 0.2
+    assert build_model(load_config(["--model_name=coatnet_2", "--drop_path_rate=0.1"])).drop_path_rate == 0.1
+
+
 def test_overrides_are_coerced_to_the_default_type(tmp_path):
     c = load_config(["--batch_size=8", "--enable_ema=true", "--lr_max", "2e-3", "--image_mean=0.5,0.5,0.5"])
     assert c.batch_size == 8 and c.enable_ema is True and c.lr_max == 2e-3 and c.image_mean == [0.5, 0.5, 0.5]
@@ -36,6 +44,8 @@ def test_overrides_are_coerced_to_the_default_type(tmp_path):
     (["--image_height=100"], "'image_height'/'image_width': 100x224 must be divisible by 32"),
     (["--batch_size=0"], "config key 'batch_size': value 0 must be > 0"),
     (["--ema_decay=1.5"], "config key 'ema_decay': value 1.5 must be within [0, 1]"),
+    (["--drop_path_rate=1.5"], "config key 'drop_path_rate': value 1.5 must be within [0, 1] (or -1 for the "
+                               "variant's own rate)"),
     (["--lr_min=0.1"], "config key 'lr_min': value 0.1 is larger than lr_max 0.001"),
     (["--amp_level=O2", "--amp_dtype=bfloat16"], "config key 'amp_dtype': bfloat16 with amp_level O2 cannot run"),
     (["--config_path=/nonexistent.yaml"], "config file not found: /nonexistent.yaml"),

@@ -55,11 +55,18 @@ def test_pth_input_is_loaded_weights_only(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(TIMM_PREPROCESS))
 def test_recorded_preprocessing_is_timms(name):
-    cfg = timm.models.get_pretrained_cfg(name + "_224") or timm.create_model(name + "_224").pretrained_cfg
+    cfg = timm.models.get_pretrained_cfg(name) or timm.create_model(name).pretrained_cfg
     cfg = cfg if isinstance(cfg, dict) else cfg.to_dict()
     ours = TIMM_PREPROCESS[name]
     assert tuple(ours["image_mean"]) == tuple(cfg["mean"]) and tuple(ours["image_std"]) == tuple(cfg["std"])
     assert ours["crop_pct"] == cfg["crop_pct"] and ours["interpolation"] == cfg["interpolation"]
+
+
+def test_an_original_network_name_is_refused_with_timms_name(tmp_path):
+    src = save_safetensors(timm_model("coatnet_nano_rw_224"), str(tmp_path / "nano.safetensors"))
+    res = _cli("--model", "coatnet_0", "--src", src, "--dst", str(tmp_path / "x.ckpt"))
+    assert res.returncode == 2 and "'coatnet_0' is the original MindSpore CoAtNet" in res.stderr
+    assert "'coatnet_0_224'" in res.stderr and not (tmp_path / "x.ckpt").exists()
 
 
 def test_wrong_variant_names_the_first_mismatch_and_writes_nothing(tmp_path):
@@ -79,5 +86,5 @@ def test_missing_source_and_unknown_model_are_clear(tmp_path):
                "--dst", str(tmp_path / "o.ckpt"))
     assert res.returncode == 2 and "source checkpoint not found" in res.stderr
     res = _cli("--model", "resnet50", "--src", "x", "--dst", str(tmp_path / "o.ckpt"))
-    assert res.returncode == 2 and "unknown CoAtNet variant 'resnet50'" in res.stderr
+    assert res.returncode == 2 and "unknown timm CoAtNet 'resnet50'" in res.stderr
     assert not (tmp_path / "o.ckpt").exists()

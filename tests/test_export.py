@@ -1,5 +1,6 @@
-"""export.py on real files: a seeded coatnet_tiny checkpoint exported to MINDIR and ONNX gives the
-Python model's logits, --use_ema exports the EMA weights, a checkpoint of another resolution gets its
+"""export.py on real files: a seeded coatnet_tiny checkpoint (the original network's design: tanh GELU,
+max-pool shortcuts) and one of a timm structure (exact GELU) exported to MINDIR and ONNX give the Python
+model's logits, --use_ema exports the EMA weights, a checkpoint of another resolution gets its
 relative-position tables resized, and a bad request fails with one line and writes nothing."""
 import math
 import os
@@ -14,7 +15,7 @@ from mindspore.train.mind_ir_pb2 import ModelProto
 from runs import run
 
 from src.checkpoint import load_checkpoint, load_into, model_weights, save_checkpoint
-from src.coatnet import ERF_STANDIN_OP, create_model, prepare_for_export, resize_rel_pos_tables
+from src.coatnet import ERF_STANDIN_OP, GELU, create_model, prepare_for_export, resize_rel_pos_tables
 
 TINY = ["--model_name=coatnet_tiny", "--num_classes=10", "--image_height=32", "--image_width=32", "--batch_size=2"]
 
@@ -24,11 +25,10 @@ def graph_mode():
     ms.set_context(mode=ms.GRAPH_MODE)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> str:
+def _training_checkpoint(model_name: str, path) -> str:
     """A training-style checkpoint: model weights, a different EMA copy and optimizer state."""
     ms.set_seed(0)
-    net = create_model("coatnet_tiny", num_classes=10, image_size=32)
+    net = create_model(model_name, num_classes=10, image_size=32)
     rng = np.random.RandomState(0)
     weights = {}
     for p in net.get_parameters():
@@ -46,17 +46,22 @@ def ckpt(tmp_path_factory) -> str:
     params.update({f"ema.{k}": (v * rng.uniform(0.8, 1.2, v.shape)).astype(np.float32) for k, v in weights.items()})
     params.update({f"adam_m.{k}": np.ones_like(v) for k, v in weights.items()})
     params["state.epoch"] = np.array([3], np.int32)
-    path = str(tmp_path_factory.mktemp("ckpt") / "tiny.ckpt")
-    save_checkpoint(params, path)
-    return path
+    save_checkpoint(params, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    return _training_checkpoint("coatnet_tiny", tmp_path_factory.mktemp("ckpt") / "tiny.ckpt")
 
 
 def _input(size: int = 32) -> np.ndarray:
     return np.random.RandomState(1).randn(2, 3, size, size).astype(np.float32)
 
 
-def _python_logits(ckpt: str, x: np.ndarray, use_ema: bool = False, drop_rel_pos: bool = False) -> np.ndarray:
-    net = create_model("coatnet_tiny", num_classes=10, image_size=x.shape[2:])
+def _python_logits(ckpt: str, x: np.ndarray, use_ema: bool = False, drop_rel_pos: bool = False,
+                   model_name: str = "coatnet_tiny") -> np.ndarray:
+    net = create_model(model_name, num_classes=10, image_size=x.shape[2:])
     weights = resize_rel_pos_tables(model_weights(load_checkpoint(ckpt), use_ema), net)
     if drop_rel_pos:
         weights = {k: np.zeros_like(v) if k.endswith("bias_table") else v for k, v in weights.items()}
@@ -93,7 +98,8 @@ def test_mindir_gives_the_python_models_logits_with_the_exact_ops(ckpt, tmp_path
     x = _input()
     diff = np.abs(_mindir_logits(path, x) - _python_logits(ckpt, x)).max()
     assert diff <= 1e-5, f"max |diff| {diff}"
-    assert {"Erf", "Rsqrt", "Gather", "Softmax"} <= _mindir_ops(path)  # not the ONNX formulations
+    # MindSpore's own ops, not the ONNX formulations: the tanh GELU, Rsqrt of LayerNorm2d, the max pool.
+    assert {"GeLU", "Rsqrt", "Gather", "Softmax", "MaxPool"} <= _mindir_ops(path)
 
 
 def test_onnx_gives_the_python_models_logits_including_relative_attention(ckpt, tmp_path):
@@ -105,9 +111,9 @@ def test_onnx_gives_the_python_models_logits_including_relative_attention(ckpt, 
     model = onnx.load(path)
     onnx.checker.check_model(model)
     op_types = [n.op_type for n in model.graph.node]
-    assert {"Gather", "Softmax"} <= set(op_types)
-    # Exact GELU as ONNX's Erf (which onnxruntime fuses): every Log stand-in renamed, none left.
-    assert op_types.count("Erf") == 8 and ERF_STANDIN_OP not in op_types  # coatnet_tiny has 8 GELUs
+    assert {"Gather", "Softmax", "MaxPool"} <= set(op_types)
+    # The original's tanh GELU needs no Erf (x sigmoid(2u)); no stand-in is left behind.
+    assert "Erf" not in op_types and ERF_STANDIN_OP not in op_types and "Sigmoid" in op_types
     x = _input()
     ref = _python_logits(ckpt, x)
     diff = np.abs(_onnx_logits(path, x) - ref).max()
@@ -122,6 +128,23 @@ def test_use_ema_exports_the_ema_weights(ckpt, tmp_path):
     got = _mindir_logits(path, x)
     np.testing.assert_allclose(got, _python_logits(ckpt, x, use_ema=True), rtol=0, atol=1e-5)
     assert np.abs(got - _python_logits(ckpt, x)).max() > 1e-3
+
+
+def test_onnx_of_a_timm_structure_writes_exact_gelu_as_erf(tmp_path):
+    name = "coatnet_nano_rw_224"
+    ckpt = _training_checkpoint(name, tmp_path / "nano.ckpt")
+    args = [f"--model_name={name}", "--num_classes=10", "--image_height=32", "--image_width=32", "--batch_size=2"]
+    res = run("export.py", *args, f"--checkpoint_path={ckpt}", f"--file_name={tmp_path / 'nano'}",
+              "--file_format=ONNX")
+    path = res.stdout.strip().splitlines()[-1]
+    op_types = [n.op_type for n in onnx.load(path).graph.node]
+    gelus = sum(isinstance(c, GELU) and c.approximate == "none"
+                for _, c in create_model(name, num_classes=10, image_size=32).cells_and_names())
+    # Exact GELU as ONNX's Erf (which onnxruntime fuses): every Log stand-in renamed, none left.
+    assert gelus > 0 and op_types.count("Erf") == gelus and ERF_STANDIN_OP not in op_types
+    x = _input()
+    diff = np.abs(_onnx_logits(path, x) - _python_logits(ckpt, x, model_name=name)).max()
+    assert diff <= 1e-4, f"max |diff| {diff}"
 
 
 def test_export_at_64_from_a_checkpoint_of_32_resizes_the_tables(ckpt, tmp_path):
@@ -172,17 +195,18 @@ def test_a_failed_export_leaves_no_temporary_and_keeps_the_previous_file(tmp_pat
     assert os.listdir(out) == ["model.mindir"] and (out / "model.mindir").read_bytes() == b"previous export"
 
 
-def test_prepare_for_export_keeps_names_and_logits():
+@pytest.mark.parametrize("name", ["coatnet_tiny", "coatnet_nano_rw_224"])  # tanh GELU / exact GELU
+def test_prepare_for_export_keeps_names_and_logits(name):
     ms.set_seed(0)
-    exact = create_model("coatnet_tiny", num_classes=10, image_size=32)
+    exact = create_model(name, num_classes=10, image_size=32)
     exact.set_train(False)
-    onnx_safe = create_model("coatnet_tiny", num_classes=10, image_size=32)
+    onnx_safe = create_model(name, num_classes=10, image_size=32)
     load_into(onnx_safe, {p.name: p.asnumpy() for p in exact.get_parameters()})
     onnx_safe.set_train(False)
     names = [p.name for p in onnx_safe.get_parameters()]
     prepare_for_export(onnx_safe)
     assert [p.name for p in onnx_safe.get_parameters()] == names
-    x = ms.Tensor(_input() * 3)  # wide range: the erf-free GELU is exercised on large |x| too
+    x = ms.Tensor(_input() * 3)  # wide range: the ONNX-safe GELUs are exercised on large |x| too
     diff = np.abs(onnx_safe(x).asnumpy() - exact(x).asnumpy()).max()
     assert 0 < diff <= 1e-5, f"max |diff| {diff}"  # > 0: the formulations really were swapped
 

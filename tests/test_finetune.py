@@ -87,7 +87,7 @@ def test_a_new_class_count_reinitialises_the_head(pretrained, tmp_path):
 def test_a_checkpoint_of_another_variant_is_refused(pretrained, tmp_path):
     data, ckpt = pretrained
     res = run("finetune.py", f"--pretrained={ckpt}", f"--data_path={data}", f"--output_path={tmp_path}", *TINY,
-              *AT64, "--model_name=coatnet_nano_rw", "--num_classes=3", check=False)
+              *AT64, "--model_name=coatnet_nano_rw_224", "--num_classes=3", check=False)
     assert res.returncode == 2
     line = res.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ") and "refusing to fine-tune from it" in line

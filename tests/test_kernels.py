@@ -25,17 +25,21 @@ FUSED_CELLS = (GELU, DepthwiseConv2d, ChannelGate, Softmax, BatchNormAct2d, Laye
 
 
 class _Fused(nn.Cell):
-    def __init__(self):
+    def __init__(self, approximate: str):
         super().__init__()
-        self.op = kernels.gelu()
+        self.op = kernels.gelu(approximate)
 
     def construct(self, x):
         return self.op(x)
 
 
 class _Stock(nn.Cell):
+    def __init__(self, approximate: str):
+        super().__init__()
+        self.approximate = approximate
+
     def construct(self, x):
-        return ops.gelu(x, approximate="none")
+        return ops.gelu(x, approximate=self.approximate)
 
 
 class _SumOf(nn.Cell):
@@ -80,37 +84,60 @@ def _kernel_or_stock(cell, fused: bool):
 def _inputs() -> np.ndarray:
     x = np.random.RandomState(0).randn(3, 70000).astype(np.float32) * 4  # > one 65536-element chunk
     x[0, :8] = [0.0, -0.0, 1e-30, -1e-30, 30.0, -30.0, 1e4, -1e4]
+    x[1, :4] = [10.0, -10.0, 9.999, -9.999]  # where the tanh form's e drops to 0 (gelu.h)
     return x
 
 
+def _gelu_and_derivative(x: np.ndarray, approximate: str) -> tuple[np.ndarray, np.ndarray]:
+    """GELU(x) and GELU'(x) in float64, exact (``approximate="none"``) or in the tanh form."""
+    if approximate == "none":
+        cdf = 0.5 * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+        return x * cdf, cdf + x * np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    # 0.5 (1 + tanh u) = sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3). Even float64 loses all digits of
+    # 1 + tanh u once u < -19; the sigmoid evaluated through e = exp(-2|u|) loses none.
+    k = math.sqrt(2.0 / math.pi)
+    u = k * (x + 0.044715 * x**3)
+    e = np.exp(-2.0 * np.abs(u))
+    gate = np.where(u >= 0.0, 1.0, e) / (1.0 + e)
+    return x * gate, gate + x * 2.0 * k * (1.0 + 3 * 0.044715 * x * x) * e / (1.0 + e) ** 2
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
-def test_fused_gelu_matches_exact_gelu_forward_and_gradient(mode):
+def test_fused_gelu_matches_float64_gelu_forward_and_gradient(mode, approximate):
     ms.set_context(mode=mode)
-    assert kernels.gelu() is not None, "the fused kernel must build on the CPU test machine"
+    assert kernels.gelu(approximate) is not None, "the fused kernel must build on the CPU test machine"
     x = _inputs()
     dy = np.random.RandomState(1).randn(*x.shape).astype(np.float32)
-    xd = x.astype(np.float64)
-    cdf = 0.5 * (1.0 + np.vectorize(math.erf)(xd / math.sqrt(2.0)))
-    truth_y = xd * cdf
-    truth_dx = dy * (cdf + xd * np.exp(-0.5 * xd * xd) / math.sqrt(2.0 * math.pi))
+    truth_y, truth_derivative = _gelu_and_derivative(x.astype(np.float64), approximate)
+    truth_dx = dy * truth_derivative
     errors = {}
-    for name, cell in (("fused", _Fused()), ("stock", _Stock())):
+    for name, cell in (("fused", _Fused(approximate)), ("stock", _Stock(approximate))):
         y, dx = _output_and_input_grads(cell, (ms.Tensor(x),), ms.Tensor(dy))
         assert np.isfinite(y).all() and np.isfinite(dx).all()
         errors[name] = (np.abs(y - truth_y).max(),
                         (np.abs(dx - truth_dx) / np.maximum(np.abs(dy), 1.0)).max())
-    # Both within float32 rounding of the exact values (measured: fused 4e-7 / 4e-7, stock 5e-7 / 9e-7).
+    # Both within float32 rounding of the float64 values (measured, exact: fused 4e-7 / 4e-7, stock
+    # 5e-7 / 9e-7; tanh: fused 5e-7 / 2e-7, stock 4e-7 / 6e-7).
     assert errors["fused"][0] <= 1e-6 and errors["fused"][1] <= 1e-6, errors
     assert errors["stock"][0] <= 1e-6 and errors["stock"][1] <= 2e-6, errors
+
+
+def test_unknown_gelu_form_or_batchnorm_activation_is_refused():
+    with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh', got 'bogus'"):
+        kernels.gelu("bogus")
+    with pytest.raises(ValueError, match="act must be None, 'gelu' or 'gelu_tanh', got 'tanh'"):
+        kernels.batchnorm("tanh")
 
 
 def test_model_uses_fused_kernels_and_stock_ops_give_the_same_gradients():
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_seed(0)
-    fused_net = create_model("coatnet_tiny", num_classes=5, image_size=32)
+    # No stochastic depth: the two nets would drop different paths.
+    fused_net = create_model("coatnet_tiny", num_classes=5, image_size=32, drop_path_rate=0.0)
     fusable = [c for _, c in fused_net.cells_and_names() if isinstance(c, FUSED_CELLS)]
     assert {type(c) for c in fusable} == set(FUSED_CELLS) and all(c.fused is not None for c in fusable)
-    stock_net = create_model("coatnet_tiny", num_classes=5, image_size=32)
+    stock_net = create_model("coatnet_tiny", num_classes=5, image_size=32, drop_path_rate=0.0)
     ms.load_param_into_net(stock_net, {p.name: p for p in fused_net.get_parameters()}, strict_load=True)
     assert use_stock_ops(stock_net) is stock_net
     assert all(c.fused is None for _, c in stock_net.cells_and_names() if isinstance(c, FUSED_CELLS))
@@ -248,7 +275,7 @@ def test_channel_gate_equals_stock_forward_and_gradients(fused):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("act", [None, "gelu"])
+@pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("shape", [(4, 3, 5, 7), (2, 16, 28, 28), (3, 2, 1, 1)])
 def test_fused_batchnorm_act_equals_stock_in_training_and_eval(shape, act):
     """Output and gradients of x / gamma / beta for two training steps, the running statistics they
@@ -258,7 +285,9 @@ def test_fused_batchnorm_act_equals_stock_in_training_and_eval(shape, act):
     gamma, beta = rng.rand(shape[1]).astype(np.float32) + 0.5, rng.randn(shape[1]).astype(np.float32)
     results = []
     for fused in (True, False):
-        cell = _kernel_or_stock(BatchNormAct2d(shape[1], act, eps=1e-3), fused)
+        # The original network's BatchNorm (momentum 0.99) with its tanh GELU; timm's (0.9) otherwise.
+        momentum = 0.99 if act == "gelu_tanh" else 0.9
+        cell = _kernel_or_stock(BatchNormAct2d(shape[1], act, eps=1e-3, momentum=momentum), fused)
         cell.bn.gamma.set_data(ms.Tensor(gamma))
         cell.bn.beta.set_data(ms.Tensor(beta))
         data = np.random.RandomState(1)
@@ -272,6 +301,62 @@ def test_fused_batchnorm_act_equals_stock_in_training_and_eval(shape, act):
                 out += [cell.bn.moving_mean.asnumpy(), cell.bn.moving_variance.asnumpy()]
         results.append(out)
     _assert_all_close(*results)
+
+
+class _BatchNormGeluTanh(nn.Cell):
+    """``nn.BatchNorm2d`` then ``ops.gelu(approximate="tanh")`` or, when ``fused``, the kernels of
+    ``kernels.batchnorm("gelu_tanh")`` on the same parameters: the batch statistics in training (leaving the
+    running ones alone), the running ones in eval."""
+
+    def __init__(self, channels: int, eps: float, fused: bool):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels, eps=eps)
+        self.fused = kernels.batchnorm("gelu_tanh") if fused else None
+        self.eps = ms.Tensor(np.array([eps], np.float32))
+
+    def construct(self, x):
+        if self.fused is None:
+            return ops.gelu(self.bn(x), approximate="tanh")
+        if self.training:
+            return self.fused[0](x, self.bn.gamma, self.bn.beta, self.eps)[0]
+        scale = self.bn.gamma / ops.sqrt(self.bn.moving_variance + self.eps)
+        return self.fused[1](x, scale, self.bn.beta - self.bn.moving_mean * scale)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 7), (2, 16, 28, 28), (3, 2, 1, 1)])
+def test_fused_batchnorm_gelu_tanh_equals_stock_in_training_and_eval(shape):
+    """Output and gradients of x / gamma / beta for a training step and in eval mode (given running
+    statistics), and the batch statistics the training kernel returns."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    rng = np.random.RandomState(0)
+    channels = shape[1]
+    # Normalised values spread over about [-30, 30]: both saturated tails of the tanh form and the bend.
+    gamma, beta = rng.rand(channels).astype(np.float32) * 6 + 0.5, rng.randn(channels).astype(np.float32) * 4
+    moving_mean, moving_var = rng.randn(channels).astype(np.float32), rng.rand(channels).astype(np.float32) + 0.5
+    data = np.random.RandomState(1)
+    steps = [(training, data.randn(*shape).astype(np.float32) * 2 + 1, data.randn(*shape).astype(np.float32))
+             for training in (True, False)]
+    results = []
+    for fused in (True, False):
+        cell = _BatchNormGeluTanh(channels, eps=1e-3, fused=fused)
+        assert not fused or cell.fused is not None, "the fused kernel must build on the CPU test machine"
+        cell.bn.gamma.set_data(ms.Tensor(gamma))
+        cell.bn.beta.set_data(ms.Tensor(beta))
+        out = []
+        for training, x, dy in steps:
+            cell.set_train(training)
+            # set before each step: the stock cell's training step updates them, the fused one's does not
+            cell.bn.moving_mean.set_data(ms.Tensor(moving_mean))
+            cell.bn.moving_variance.set_data(ms.Tensor(moving_var))
+            out += _output_and_norm_grads(cell, ms.Tensor(x), ms.Tensor(dy))
+        results.append(out)
+    _assert_all_close(*results)
+
+    x = steps[0][1]
+    _, mean, var = kernels.batchnorm("gelu_tanh")[0](ms.Tensor(x), ms.Tensor(gamma), ms.Tensor(beta),
+                                                     ms.Tensor(np.array([1e-3], np.float32)))
+    np.testing.assert_allclose(mean.asnumpy(), x.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var.asnumpy(), x.var(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 3, 7), (3, 96, 14, 14), (1, 1, 1, 1), (2, 7, 9, 15)])

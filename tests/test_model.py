@@ -1,4 +1,5 @@
-"""CoAtNet in MindSpore is timm's CoAtNet: same parameter counts, same logits from converted weights."""
+"""timm's CoAtNet structures (our ``*_224`` variants) are timm's CoAtNet: same parameter counts, same logits and
+gradients from converted weights; and properties every variant shares."""
 import mindspore as ms
 import numpy as np
 import pytest
@@ -6,14 +7,14 @@ import torch
 from timm_ref import save_safetensors, timm_logits, timm_model
 
 from src.checkpoint import load_into
-from src.coatnet import MODEL_CFGS, TIMM_NAMES, create_model, resize_rel_pos_bias_table, resize_rel_pos_tables
+from src.coatnet import MODEL_CFGS, TIMM_MODELS, create_model, resize_rel_pos_bias_table, resize_rel_pos_tables
 from src.convert_timm import convert, map_state_dict
 
-# Forward parity for these; coatnet_3 / coatnet_4 (167 M / 275 M params) are checked shape-only
+# Forward parity for these; coatnet_3_224 / coatnet_4_224 (167 M / 275 M params) are checked shape-only
 # (param counts + a complete, shape-checked name mapping) to keep the suite within its time budget.
-PARITY = ["coatnet_0", "coatnet_1", "coatnet_2", "coatnet_nano_rw", "coatnet_0_rw", "coatnet_1_rw",
-          "coatnet_2_rw", "coatnet_3_rw", "coatnet_bn_0_rw"]
-SHAPE_ONLY = ["coatnet_3", "coatnet_4"]
+PARITY = ["coatnet_0_224", "coatnet_1_224", "coatnet_2_224", "coatnet_nano_rw_224", "coatnet_0_rw_224",
+          "coatnet_1_rw_224", "coatnet_2_rw_224", "coatnet_3_rw_224", "coatnet_bn_0_rw_224"]
+SHAPE_ONLY = ["coatnet_3_224", "coatnet_4_224"]
 
 
 @pytest.fixture(autouse=True)
@@ -25,17 +26,21 @@ def _input(size: int, batch: int = 2) -> np.ndarray:
     return np.random.RandomState(0).randn(batch, 3, size, size).astype(np.float32)
 
 
-@pytest.mark.parametrize("name", sorted(TIMM_NAMES))
+def test_timm_family_is_every_timm_named_variant():
+    assert set(TIMM_MODELS) == set(PARITY) | set(SHAPE_ONLY)
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_MODELS))
 def test_param_count_equals_timm(name):
     ours = sum(p.size for p in create_model(name).trainable_params())
-    theirs = sum(p.numel() for p in timm_model(TIMM_NAMES[name]).parameters())
+    theirs = sum(p.numel() for p in timm_model(name).parameters())
     assert ours == theirs
 
 
-def test_param_counts_of_the_paper_variants():
-    # The figures timm reports for coatnet_0..3 (issue text), independent of the timm install.
-    expected = {"coatnet_0": 25_036_820, "coatnet_1": 42_225_776, "coatnet_2": 74_684_744,
-                "coatnet_3": 166_966_264}
+def test_param_counts_of_timms_paper_structures():
+    # The figures timm reports for its coatnet_0..3 (issue text), independent of the timm install.
+    expected = {"coatnet_0_224": 25_036_820, "coatnet_1_224": 42_225_776, "coatnet_2_224": 74_684_744,
+                "coatnet_3_224": 166_966_264}
     for name, count in expected.items():
         assert sum(p.size for p in create_model(name).trainable_params()) == count
 
@@ -49,9 +54,9 @@ def test_tiny_variant_is_small_and_has_every_stage_type():
 
 @pytest.mark.parametrize("name", PARITY)
 def test_logits_match_timm_after_conversion(name, tmp_path):
-    ref = timm_model(TIMM_NAMES[name])
+    ref = timm_model(name)
     src = save_safetensors(ref, str(tmp_path / "w.safetensors"))
-    params = convert(TIMM_NAMES[name], src, str(tmp_path / "w.ckpt"))
+    params = convert(name, src, str(tmp_path / "w.ckpt"))
     net = create_model(name)
     net.set_train(False)
     load_into(net, params)
@@ -62,7 +67,7 @@ def test_logits_match_timm_after_conversion(name, tmp_path):
 
 @pytest.mark.parametrize("name", SHAPE_ONLY)
 def test_big_variants_map_completely(name):
-    ref = timm_model(TIMM_NAMES[name])
+    ref = timm_model(name)
     net = create_model(name)
     target = {p.name: tuple(p.shape) for p in net.get_parameters()}
     mapped = map_state_dict({k: v.numpy() for k, v in ref.state_dict().items()}, target)
@@ -82,8 +87,8 @@ def test_bias_resize_is_pytorch_bicubic():
 def test_logits_match_timm_at_384_after_bias_resize(tmp_path):
     ref224 = timm_model("coatnet_0_224")
     src = save_safetensors(ref224, str(tmp_path / "w.safetensors"))
-    params = convert("coatnet_0", src, str(tmp_path / "w.ckpt"))
-    net = create_model("coatnet_0", image_size=384)
+    params = convert("coatnet_0_224", src, str(tmp_path / "w.ckpt"))
+    net = create_model("coatnet_0_224", image_size=384)
     net.set_train(False)
     resized = resize_rel_pos_tables(params, net)
     table = resized["stages.2.blocks.0.attn.rel_pos.relative_position_bias_table"]
@@ -143,6 +148,19 @@ def test_drop_path_is_active_only_in_training():
     assert not np.allclose(c, d)
 
 
+def test_variants_take_their_own_drop_path_rate_unless_given():
+    rates = {"coatnet_0": 0.2, "coatnet_1": 0.3, "coatnet_2": 0.5}
+    for name, rate in rates.items():
+        assert MODEL_CFGS[name].drop_path_rate == rate
+    net = create_model("coatnet_tiny", num_classes=10, image_size=32)
+    last = net.stages[3].blocks[0].drop_path1
+    assert net.drop_path_rate == MODEL_CFGS["coatnet_tiny"].drop_path_rate and last.keep_prob == pytest.approx(0.9)
+    net = create_model("coatnet_tiny", num_classes=10, image_size=32, drop_path_rate=0.5)
+    assert net.stages[3].blocks[0].drop_path1.keep_prob == pytest.approx(0.5)
+    assert create_model("coatnet_tiny", num_classes=10, image_size=32, drop_path_rate=0.0).stages[3].blocks[0] \
+        .drop_path1 is None
+
+
 def test_tables_of_a_non_square_model_load_unchanged():
     net = create_model("coatnet_tiny", num_classes=10, image_size=(64, 96))
     state = {p.name: p.asnumpy() for p in net.get_parameters()}
@@ -154,10 +172,10 @@ def test_tables_of_a_non_square_model_load_unchanged():
 def test_gradients_match_timm_in_training_mode(tmp_path):
     """Backward parity: the custom gradients (fused GELU, SE channel gate, transposed-operand
     attention matmuls, spatial means) give timm's parameter gradients in training mode."""
-    name = "coatnet_0"
-    ref = timm_model(TIMM_NAMES[name]).train()
-    params = convert(TIMM_NAMES[name], save_safetensors(ref, str(tmp_path / "w.safetensors")), str(tmp_path / "w.ckpt"))
-    net = create_model(name)
+    name = "coatnet_0_224"
+    ref = timm_model(name).train()
+    params = convert(name, save_safetensors(ref, str(tmp_path / "w.safetensors")), str(tmp_path / "w.ckpt"))
+    net = create_model(name, drop_path_rate=0.0)  # as timm's, which has no stochastic depth unless asked
     load_into(net, params)
     net.set_train(True)
     x = _input(224)

@@ -23,7 +23,7 @@ def _batch(seed=0, n=4):
 
 def _setup(ema_decay=None, clip=1.0, optimizer="adamw", lr=1e-3, loss_scale=2.0 ** 24):
     ms.set_seed(0)
-    net = create_model("coatnet_tiny", num_classes=10, image_size=32)
+    net = create_model("coatnet_tiny", num_classes=10, image_size=32, drop_path_rate=0.0)
     net.set_train(True)
     names = canonical_names(net)
     params = net.trainable_params()

@@ -7,6 +7,9 @@ attached), or ``None`` when they cannot or should not be used: the device target
 model keeps MindSpore's own ops). Results equal the stock ops' within float32 rounding
 (tests/test_kernels.py).
 
+GELU comes in the two forms of ``ops.gelu``: exact (``gelu("none")``, ``batchnorm("gelu")``) and the tanh
+approximation that MindSpore's ``nn.GELU()`` computes (``gelu("tanh")``, ``batchnorm("gelu_tanh")``).
+
 The shared library is cached under ``$COATNET_KERNEL_CACHE`` (default ``~/.cache/coatnet_mindspore``),
 keyed by the source, the compiler and the CPU's flags (it is built with ``-march=native``), and is
 written under a temporary name then renamed, so concurrent ranks never load a half-written file.
@@ -108,23 +111,30 @@ def _ops(source: str, make, *args):
     return make(lib, *args) if lib else None
 
 
+_GELU_KERNELS = {"none": "Gelu", "tanh": "GeluTanh"}  # ops.gelu's approximate -> kernel name in gelu.cc
+
+
 @functools.cache
-def _gelu_ops(lib: str):
+def _gelu_ops(lib: str, approximate: str):
     from mindspore import ops
 
-    backward = ops.Custom(f"{lib}:GeluBackward", out_shape=lambda dy, x: x, out_dtype=lambda dy, x: x,
+    kind = _GELU_KERNELS[approximate]
+    backward = ops.Custom(f"{lib}:{kind}Backward", out_shape=lambda dy, x: x, out_dtype=lambda dy, x: x,
                           func_type="aot")
 
     def bprop(x, out, dout):
         return (backward(dout, x),)
 
-    return ops.Custom(f"{lib}:GeluForward", out_shape=lambda x: x, out_dtype=lambda x: x, func_type="aot",
+    return ops.Custom(f"{lib}:{kind}Forward", out_shape=lambda x: x, out_dtype=lambda x: x, func_type="aot",
                       bprop=bprop)
 
 
-def gelu():
-    """The fused exact-GELU op for float32 CPU tensors, or None (see the module docstring)."""
-    return _ops("gelu.cc", _gelu_ops)
+def gelu(approximate: str = "none"):
+    """The fused GELU op for float32 CPU tensors, ``ops.gelu(x, approximate)``: exact (``"none"``) or
+    MindSpore's tanh approximation (``"tanh"``, as ``nn.GELU()``); or None (see the module docstring)."""
+    if approximate not in _GELU_KERNELS:
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return _ops("gelu.cc", _gelu_ops, approximate)
 
 
 @functools.cache
@@ -182,11 +192,15 @@ def channel_gate():
     return ops[1] if ops else None
 
 
+# batchnorm()'s act -> kernel name in batchnorm.cc
+_BATCHNORM_KERNELS = {None: "BatchNorm", "gelu": "BatchNormGelu", "gelu_tanh": "BatchNormGeluTanh"}
+
+
 @functools.cache
 def _batchnorm_ops(lib: str, act: str | None):
     from mindspore import ops
 
-    kind = "BatchNormGelu" if act == "gelu" else "BatchNorm"
+    kind = _BATCHNORM_KERNELS[act]
     backward = ops.Custom(f"{lib}:{kind}TrainBackward", out_shape=lambda dy, x, g, b, m, v, e: (x, g, g),
                           out_dtype=lambda dy, x, g, b, m, v, e: (x, g, g), func_type="aot")
 
@@ -197,13 +211,24 @@ def _batchnorm_ops(lib: str, act: str | None):
     train = ops.Custom(f"{lib}:{kind}TrainForward", out_shape=lambda x, g, b, e: (x, g, g),
                        out_dtype=lambda x, g, b, e: (x, g, g), func_type="aot", bprop=train_bprop)
 
+    def gelu_derivative(z):
+        if act == "gelu":
+            return 0.5 * (1.0 + ops.erf(z * 0.7071067811865476)) + z * ops.exp(-0.5 * z * z) * 0.3989422804014327
+        # 0.5 (1 + tanh u) = sigmoid(2u), u = sqrt(2/pi) (z + 0.044715 z^3); d/dz = s + z 2 u'(z) s (1 - s).
+        # Not through ops.tanh: MindSpore 2.10's CPU tanh is a rational approximation, 1e-4 off near |u| = 5
+        # and exactly +-1 beyond, which 1 + tanh u and 1 - tanh^2 u turn into gradients ~5e-3 off
+        # (test_fused_batchnorm_gelu_tanh_equals_stock_in_training_and_eval). 1 - s as sigmoid(-2u): no
+        # cancellation either.
+        two_u = 1.5957691216057308 * (z + 0.044715 * z * z * z)
+        s = ops.sigmoid(two_u)
+        return s + z * 1.5957691216057308 * (1.0 + 0.134145 * z * z) * s * ops.sigmoid(-two_u)
+
     def inference_bprop(x, scale, shift, out, dout):
         # Only for gradients through a BatchNorm in eval mode (frozen statistics): stock ops suffice.
         scale, shift = scale.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1)
         dz = dout
-        if act == "gelu":
-            z = x * scale + shift
-            dz = dout * (0.5 * (1.0 + ops.erf(z * 0.7071067811865476)) + z * ops.exp(-0.5 * z * z) * 0.3989422804014327)
+        if act is not None:
+            dz = dout * gelu_derivative(x * scale + shift)
         return dz * scale, (dz * x).sum(axis=(0, 2, 3)), dz.sum(axis=(0, 2, 3))
 
     inference = ops.Custom(f"{lib}:{kind}InferenceForward", out_shape=lambda x, s, t: x,
@@ -212,12 +237,13 @@ def _batchnorm_ops(lib: str, act: str | None):
 
 
 def batchnorm(act: str | None = None):
-    """``(train, inference)`` for BatchNorm of an NCHW float32 CPU tensor followed by ``act`` (None or
-    "gelu"); or None. ``train(x, gamma, beta, eps) -> (y, batch_mean, batch_var)`` normalises with the
-    batch statistics (``eps`` a (1,) tensor, ``batch_var`` biased); ``inference(x, scale, shift) -> y`` is
-    ``act(x * scale + shift)`` with per-channel ``scale`` and ``shift``."""
-    if act not in (None, "gelu"):
-        raise ValueError(f"batchnorm: act must be None or 'gelu', got {act!r}")
+    """``(train, inference)`` for BatchNorm of an NCHW float32 CPU tensor followed by ``act`` (None, "gelu":
+    exact GELU, or "gelu_tanh": its tanh form); or None. ``train(x, gamma, beta, eps) -> (y, batch_mean,
+    batch_var)`` normalises with the batch statistics (``eps`` a (1,) tensor, ``batch_var`` biased);
+    ``inference(x, scale, shift) -> y`` is ``act(x * scale + shift)`` with per-channel ``scale`` and
+    ``shift``."""
+    if act not in _BATCHNORM_KERNELS:
+        raise ValueError(f"batchnorm: act must be None, 'gelu' or 'gelu_tanh', got {act!r}")
     return _ops("batchnorm.cc", _batchnorm_ops, act)
 
 

@@ -1,6 +1,7 @@
-// BatchNorm over (B, H, W) of an NCHW float32 tensor, optionally followed by exact GELU, for MindSpore
-// CPU graphs (Custom ops, func_type "aot"). MindSpore 2.10's CPU BatchNorm and BatchNormGrad took
-// ~0.43 s of a CoAtNet-0 train step and its inference BatchNorm ~0.1 s of a forward pass.
+// BatchNorm over (B, H, W) of an NCHW float32 tensor, optionally followed by GELU (exact or tanh form),
+// for MindSpore CPU graphs (Custom ops, func_type "aot"). MindSpore 2.10's CPU BatchNorm and
+// BatchNormGrad took ~0.43 s of a CoAtNet-0 train step and its inference BatchNorm ~0.1 s of a forward
+// pass.
 //
 // Training: two passes per channel (statistics, then the element-wise part), channels split across
 // cores; statistics accumulate in double. The running statistics are updated by the calling cell from
@@ -16,21 +17,28 @@
 namespace {
 
 using coatnet::all_float32;
+using coatnet::GeluForm;
 using coatnet::Nchw;
 using coatnet::nchw;
 using coatnet::parallel_for;
 
-template <bool kGelu>
+// The activation after the normalisation, as named by src.kernels.batchnorm(act): None, "gelu" (exact),
+// "gelu_tanh".
+enum class Act { kNone, kGelu, kGeluTanh };
+
+constexpr GeluForm gelu_form(Act act) { return act == Act::kGeluTanh ? GeluForm::kTanh : GeluForm::kExact; }
+
+template <Act kAct>
 inline float activate(float z) {
-  if constexpr (kGelu) {
-    return coatnet::gelu(z);
-  } else {
+  if constexpr (kAct == Act::kNone) {
     return z;
+  } else {
+    return coatnet::gelu<gelu_form(kAct)>(z);
   }
 }
 
 // Inputs: x (B, C, H, W), gamma (C), beta (C), eps (1). Outputs: y (B, C, H, W), mean (C), var (C).
-template <bool kGelu>
+template <Act kAct>
 int train_forward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != 7 || !all_float32(nparam, dtypes) || ndims[0] != 4) return 1;
   const auto *x = static_cast<const float *>(params[0]);
@@ -65,7 +73,7 @@ int train_forward(int nparam, void **params, int *ndims, int64_t **shapes, const
       for (int64_t b = 0; b < l.batch; ++b) {
         const float *__restrict xp = x + (b * l.channels + c) * l.area;
         float *__restrict yp = y + (b * l.channels + c) * l.area;
-        for (int64_t i = 0; i < l.area; ++i) yp[i] = activate<kGelu>(xp[i] * scale + shift);
+        for (int64_t i = 0; i < l.area; ++i) yp[i] = activate<kAct>(xp[i] * scale + shift);
       }
     }
   });
@@ -74,7 +82,7 @@ int train_forward(int nparam, void **params, int *ndims, int64_t **shapes, const
 
 // Inputs: dy, x (B, C, H, W), gamma, beta, mean, var (C), eps (1). Outputs: dx (B, C, H, W), dgamma,
 // dbeta (C). With GELU, g = dy * GELU'(z) is written to dx in the first pass and read back in the second.
-template <bool kGelu>
+template <Act kAct>
 int train_backward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != 10 || !all_float32(nparam, dtypes) || ndims[0] != 4) return 1;
   const auto *dy = static_cast<const float *>(params[0]);
@@ -106,8 +114,8 @@ int train_backward(int nparam, void **params, int *ndims, int64_t **shapes, cons
         for (int64_t i = 0; i < l.area; ++i) {
           const float xc = xp[i] - m;
           float g = gp[i];
-          if constexpr (kGelu) {
-            g *= coatnet::gelu_derivative(xc * a + bias);
+          if constexpr (kAct != Act::kNone) {
+            g *= coatnet::gelu_derivative<gelu_form(kAct)>(xc * a + bias);
             out[i] = g;
           }
           s += g;
@@ -123,8 +131,9 @@ int train_backward(int nparam, void **params, int *ndims, int64_t **shapes, cons
       const float k = static_cast<float>(sum_g_xc * rstd * rstd / count);
       for (int64_t b = 0; b < l.batch; ++b) {
         const int64_t plane = (b * l.channels + c) * l.area;
-        const float *gp = (kGelu ? dx : dy) + plane;  // with GELU the same buffer as out: each element
-        const float *__restrict xp = x + plane;          // is read before it is written
+        // With GELU, gp is the same buffer as out: each element is read before it is written.
+        const float *gp = (kAct != Act::kNone ? dx : dy) + plane;
+        const float *__restrict xp = x + plane;
         float *out = dx + plane;
         for (int64_t i = 0; i < l.area; ++i) out[i] = a * (gp[i] - mean_g - (xp[i] - m) * k);
       }
@@ -134,7 +143,7 @@ int train_backward(int nparam, void **params, int *ndims, int64_t **shapes, cons
 }
 
 // Inputs: x (B, C, H, W), scale (C), shift (C). Output: y (B, C, H, W).
-template <bool kGelu>
+template <Act kAct>
 int inference_forward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != 4 || !all_float32(nparam, dtypes) || ndims[0] != 4) return 1;
   const auto *x = static_cast<const float *>(params[0]);
@@ -147,7 +156,7 @@ int inference_forward(int nparam, void **params, int *ndims, int64_t **shapes, c
       const float s = scale[p % l.channels], t = shift[p % l.channels];
       const float *__restrict xp = x + p * l.area;
       float *__restrict yp = y + p * l.area;
-      for (int64_t i = 0; i < l.area; ++i) yp[i] = activate<kGelu>(xp[i] * s + t);
+      for (int64_t i = 0; i < l.area; ++i) yp[i] = activate<kAct>(xp[i] * s + t);
     }
   });
   return 0;
@@ -156,25 +165,37 @@ int inference_forward(int nparam, void **params, int *ndims, int64_t **shapes, c
 }  // namespace
 
 COATNET_AOT_KERNEL(BatchNormTrainForward) {
-  return train_forward<false>(nparam, params, ndims, shapes, dtypes);
+  return train_forward<Act::kNone>(nparam, params, ndims, shapes, dtypes);
 }
 
 COATNET_AOT_KERNEL(BatchNormGeluTrainForward) {
-  return train_forward<true>(nparam, params, ndims, shapes, dtypes);
+  return train_forward<Act::kGelu>(nparam, params, ndims, shapes, dtypes);
+}
+
+COATNET_AOT_KERNEL(BatchNormGeluTanhTrainForward) {
+  return train_forward<Act::kGeluTanh>(nparam, params, ndims, shapes, dtypes);
 }
 
 COATNET_AOT_KERNEL(BatchNormTrainBackward) {
-  return train_backward<false>(nparam, params, ndims, shapes, dtypes);
+  return train_backward<Act::kNone>(nparam, params, ndims, shapes, dtypes);
 }
 
 COATNET_AOT_KERNEL(BatchNormGeluTrainBackward) {
-  return train_backward<true>(nparam, params, ndims, shapes, dtypes);
+  return train_backward<Act::kGelu>(nparam, params, ndims, shapes, dtypes);
+}
+
+COATNET_AOT_KERNEL(BatchNormGeluTanhTrainBackward) {
+  return train_backward<Act::kGeluTanh>(nparam, params, ndims, shapes, dtypes);
 }
 
 COATNET_AOT_KERNEL(BatchNormInferenceForward) {
-  return inference_forward<false>(nparam, params, ndims, shapes, dtypes);
+  return inference_forward<Act::kNone>(nparam, params, ndims, shapes, dtypes);
 }
 
 COATNET_AOT_KERNEL(BatchNormGeluInferenceForward) {
-  return inference_forward<true>(nparam, params, ndims, shapes, dtypes);
+  return inference_forward<Act::kGelu>(nparam, params, ndims, shapes, dtypes);
+}
+
+COATNET_AOT_KERNEL(BatchNormGeluTanhInferenceForward) {
+  return inference_forward<Act::kGeluTanh>(nparam, params, ndims, shapes, dtypes);
 }

@@ -170,7 +170,7 @@ _CHOICES = {
 }
 _POSITIVE = ("num_classes", "image_height", "image_width", "batch_size", "num_epochs", "num_parallel_workers",
              "loss_scale", "loss_scale_window", "log_interval", "save_checkpoint_epochs", "keep_checkpoint_max")
-_UNIT = ("ema_decay", "label_smoothing", "drop_path_rate", "head_drop_rate", "crop_pct", "beta1", "beta2")
+_UNIT = ("ema_decay", "label_smoothing", "head_drop_rate", "crop_pct", "beta1", "beta2")
 
 
 def _validate(c: Config) -> None:
@@ -185,6 +185,9 @@ def _validate(c: Config) -> None:
         v = getattr(c, key)
         if not 0.0 <= v <= 1.0:
             raise ConfigError(f"config key '{key}': value {v!r} must be within [0, 1]")
+    if c.drop_path_rate != -1.0 and not 0.0 <= c.drop_path_rate <= 1.0:
+        raise ConfigError(f"config key 'drop_path_rate': value {c.drop_path_rate!r} must be within [0, 1] "
+                          "(or -1 for the variant's own rate)")
     if c.image_height % 32 or c.image_width % 32:
         raise ConfigError(f"config keys 'image_height'/'image_width': {c.image_height}x{c.image_width} "
                           "must be divisible by 32")
