@@ -1,35 +1,35 @@
-"""Evaluate a checkpoint: python eval.py --checkpoint_path=CKPT [--use_ema=True] [--key=value ...]
+"""Evaluate a checkpoint or an exported model: python eval.py --checkpoint_path=CKPT|X.mindir|X.onnx
+[--use_ema=True] [--key=value ...]
 
-Prints `top1: <x> top5: <y>` and writes output_path/eval_result.json. A checkpoint converted from
-timm is evaluated with the preprocessing it was trained with (recorded beside it) unless the
-preprocessing keys are given explicitly.
+Prints `top1: <x> top5: <y>` and writes output_path/eval_result.json. The model, input size and eval
+preprocessing recorded beside the file (``<file>.json``: a training run's, the timm converter's or
+export.py's) are used unless the keys are given explicitly, so an export is checked on the same
+images the checkpoint was (`.onnx` needs onnxruntime). An exported model is evaluated in one process.
 """
 import json
 import os
 
 import src  # noqa: F401  (sets the CPU ISA default before mindspore loads)
-from src.checkpoint import load_into, read_metadata
-from src.model_utils.config import load_config
+from src.model_utils.config import ConfigError, load_config
 from src.model_utils.moxing_adapter import fetch_checkpoint, moxing_wrapper
-from src.utils import cli_main, setup_context, weights_for
-
-PREPROCESS_KEYS = ("image_mean", "image_std", "crop_pct", "interpolation")
+from src.utils import cli_main, setup_context
 
 
 def evaluate_checkpoint(config, run) -> dict:
     from src.dataset import dataset_from_config
     from src.metrics import evaluate
-    from src.trainer import build_model
+    from src.predict import PREPROCESS_KEYS, evaluate_model, is_export, open_model
 
-    meta = read_metadata(config.checkpoint_path)
-    for key in PREPROCESS_KEYS:
-        if key in meta and key not in config.explicit_keys:
-            setattr(config, key, meta[key])
-    net = build_model(config)
-    load_into(net, weights_for(net, config.checkpoint_path, config.use_ema), config.checkpoint_path)
-    result = evaluate(net, dataset_from_config(config, "val", run.rank_size, run.rank_id), run.rank_size)
-    result.update(checkpoint=config.checkpoint_path, use_ema=config.use_ema, model_name=config.model_name,
-                  **{k: getattr(config, k) for k in PREPROCESS_KEYS})
+    if is_export(config.checkpoint_path) and run.rank_size > 1:
+        raise ConfigError(f"an exported model ({config.checkpoint_path}) is evaluated in one process; "
+                          "start eval.py without msrun")
+    model = open_model(config)  # sets the model, size and preprocessing keys recorded beside the file
+    if model.net is not None:
+        result = evaluate(model.net, dataset_from_config(config, "val", run.rank_size, run.rank_id), run.rank_size)
+    else:
+        result = evaluate_model(model, dataset_from_config(config, "val"))
+    result.update(checkpoint=config.checkpoint_path, format=model.kind, use_ema=config.use_ema,
+                  model_name=config.model_name, **{k: getattr(config, k) for k in PREPROCESS_KEYS})
     print(f"top1: {result['top1']:.4f} top5: {result['top5']:.4f}")
     if run.is_main:
         os.makedirs(config.output_path, exist_ok=True)

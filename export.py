@@ -3,18 +3,22 @@
     python export.py --checkpoint_path=CKPT --file_format=MINDIR|ONNX|AIR --file_name=NAME [--use_ema=True]
                      [--model_name=... --num_classes=... --image_height=... --image_width=... --batch_size=...]
 
-Writes NAME.mindir / NAME.onnx / NAME.air (input: float32 (batch_size, 3, image_height, image_width),
-output: logits) and prints its path. A checkpoint trained at another resolution gets its relative-position
-tables resized. ONNX uses exact equivalents of the ops MindSpore 2.10 cannot convert
+Writes NAME.mindir / NAME.onnx / NAME.air (input: float32 (batch_size_export, else batch_size, 3,
+image_height, image_width), output: logits) and prints its path, with NAME.<ext>.json beside it: model,
+shapes, eval preprocessing and class names, so infer.py and eval.py run the file without flags. The model
+keys and preprocessing come from the checkpoint's own metadata unless given; --class_names=FILE (one per
+line) records other names. A checkpoint trained at another resolution gets its relative-position tables
+resized. ONNX uses exact equivalents of the ops MindSpore 2.10 cannot convert
 (``src.coatnet.prepare_for_export``; GELU as the standard Erf pattern, which onnxruntime fuses); MINDIR and
 AIR keep the model's own ops. AIR needs device_target Ascend.
 """
+import json
 import os
 import shutil
 import tempfile
 
 import src  # noqa: F401  (sets the CPU ISA default before mindspore loads)
-from src.checkpoint import load_into
+from src.checkpoint import load_into, read_metadata
 from src.coatnet import ERF_STANDIN_OP, create_model, prepare_for_export, use_stock_ops
 from src.model_utils.config import ConfigError, load_config
 from src.model_utils.moxing_adapter import fetch_checkpoint, moxing_wrapper
@@ -66,13 +70,14 @@ def rename_onnx_ops(path: str, old: str, new: str) -> int:
     return count
 
 
-def export_network(net, inputs, file_name: str, file_format: str) -> str:
+def export_network(net, inputs, file_name: str, file_format: str, metadata: dict | None = None) -> str:
     """Export ``net`` (eval mode, weights loaded) and return the written path; nothing is left at
-    ``file_name`` or beside it if the export fails.
+    ``file_name`` or beside it if the export fails. ``metadata`` goes to ``<path>.json``.
 
     MindSpore writes into a fresh hidden folder beside the target and the file is renamed into place
     on success: its ONNX writer also chmods the folder it writes into to 0700, which must not
-    happen to the user's folder."""
+    happen to the user's folder. The sidecar is renamed into place first, as checkpoints do, so an
+    exported file that exists has its metadata beside it."""
     import mindspore as ms
 
     path = output_path(file_name, file_format)
@@ -96,6 +101,11 @@ def export_network(net, inputs, file_name: str, file_format: str) -> str:
         os.chmod(written, 0o666 & ~umask)  # MindSpore leaves it read-only (0400)
         with open(written, "rb") as f:
             os.fsync(f.fileno())
+        if metadata is not None:
+            sidecar = os.path.join(work, "model.json")
+            with open(sidecar, "w") as f:
+                json.dump(metadata, f, indent=1, sort_keys=True)
+            os.replace(sidecar, path + ".json")
         os.replace(written, path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -106,14 +116,19 @@ def export_checkpoint(config) -> str:
     import mindspore as ms
     import numpy as np
 
+    from src.predict import apply_metadata, export_metadata
+
+    checkpoint_meta = read_metadata(config.checkpoint_path)
+    apply_metadata(config, checkpoint_meta)
+    metadata = export_metadata(config, checkpoint_meta)
     size = (config.image_height, config.image_width)
     # No stochastic depth or dropout: the exported graph is the inference network only.
     net = create_model(config.model_name, num_classes=config.num_classes, image_size=size)
     weights = weights_for(net, config.checkpoint_path, config.use_ema)
     load_into(net, weights, f"{config.checkpoint_path} as {config.model_name} with num_classes={config.num_classes}")
     net.set_train(False)
-    x = ms.Tensor(np.zeros((config.batch_size, 3, *size), np.float32))
-    path = export_network(net, (x,), config.file_name, config.file_format)
+    x = ms.Tensor(np.zeros((config.batch_size_export or config.batch_size, 3, *size), np.float32))
+    path = export_network(net, (x,), config.file_name, config.file_format, metadata)
     print(os.path.abspath(path))
     return path
 

@@ -89,11 +89,11 @@ _EPOCH_RE = re.compile(r"epoch_(\d+)\.ckpt$")
 
 
 class CheckpointManager:
-    """Epoch checkpoints ``checkpoints/epoch_NNNN.ckpt`` (last ``keep_last`` kept) and
-    ``checkpoints/best.ckpt`` (highest top-1). Writes are atomic, so every listed file is complete."""
+    """Epoch checkpoints ``<folder>/epoch_NNNN.ckpt`` (last ``keep_last`` kept) and ``<folder>/best.ckpt``
+    (highest score, see ``save``). Writes are atomic, so every listed file is complete."""
 
-    def __init__(self, output_path: str, keep_last: int, keep_best: bool, enabled: bool = True):
-        self.folder = os.path.join(output_path, "checkpoints")
+    def __init__(self, folder: str, keep_last: int, keep_best: bool, enabled: bool = True):
+        self.folder = folder
         self.keep_last = keep_last
         self.keep_best = keep_best
         self.enabled = enabled
@@ -102,6 +102,7 @@ class CheckpointManager:
             remove_stale_temporaries(self.folder)  # left by a run killed while saving
 
     def save(self, epoch: int, params: dict, metadata: dict, top1: float | None) -> str | None:
+        """Write epoch ``epoch``; ``top1`` is the score best.ckpt is chosen by (None: not evaluated)."""
         if not self.enabled:
             return None
         path = os.path.join(self.folder, f"epoch_{epoch:04d}.ckpt")

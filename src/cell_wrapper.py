@@ -14,6 +14,10 @@ step) it costs one scalar op, on every device. On CPU each gradient's sum of squ
 n x 1 MatMul: MindSpore's CPU ReduceSum over all axes of a weight tensor ran at a quarter of that
 speed (~0.1 s of a CoAtNet-0 step). Elsewhere it stays a square-and-sum (an fp32 MatMul may run in
 fp16 on Ascend, where squared gradients can overflow).
+
+Float16 training (``src/precision.py``) leaves the parameters, so their gradients, in float32; a float16
+gradient would be squared and summed in float32 all the same. The first steps of a float16 run overflow
+at the initial scale 2^24: each is skipped with the scale halved until the gradients are finite.
 """
 from __future__ import annotations
 
@@ -63,10 +67,11 @@ def _ema_update(decay, ema, param):
 
 
 class TrainStep(nn.Cell):
-    """One training step. Returns (loss, finite, loss_scale, grad_norm_before_clip).
+    """One training step. Returns (loss, finite, loss_scale, grad_norm_before_clip), ``loss_scale`` being the
+    scale this step used (``self.loss_scale`` holds the next step's).
 
     Args:
-        network: the model (possibly AMP-wrapped).
+        network: the model (possibly wrapped for mixed precision by ``src.precision.apply_precision``).
         optimizer: an ``nn.AdamWeightDecay`` over the trainable parameters.
         ema_params / model_params: aligned tuples of EMA shadow parameters and the model
             parameters they follow (all of them, BatchNorm statistics included); ``None``: no EMA.
@@ -97,7 +102,7 @@ class TrainStep(nn.Cell):
 
     def construct(self, images, target):
         loss = self.net_with_loss(images, target)
-        scale = self.loss_scale
+        scale = self.loss_scale.value()  # read now: the Parameter itself would return its updated value
         sens = ops.ones_like(loss) * scale.astype(loss.dtype)
         grads = self.grad(self.net_with_loss, self.weights)(images, target, sens)
         if self.reducer is not None:

@@ -420,7 +420,9 @@ class SqueezeExcite(nn.Cell):
 
     def construct(self, x):
         s = self.fc2(self.act(self.fc1(spatial_mean(x))))
-        return self.gate(x, ops.sigmoid(s))
+        # The gate's sigmoid in float32 under float16 mixed precision, as the original's nn.Sigmoid kept
+        # in float32 (a no-op in float32).
+        return self.gate(x, ops.sigmoid(s.astype(ms.float32)).astype(x.dtype))
 
 
 class MBConvBlock(nn.Cell):

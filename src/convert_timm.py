@@ -31,7 +31,7 @@ _TIMM_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 _IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 TIMM_PREPROCESS = {
     name: {"image_mean": list(_TIMM_MEAN_STD[0]), "image_std": list(_TIMM_MEAN_STD[1]),
-           "crop_pct": 0.95, "interpolation": "bicubic"}
+           "crop_pct": 0.95, "interpolation": "bicubic", "eval_resize": "aspect"}
     for name in TIMM_MODELS
 }
 TIMM_PREPROCESS["coatnet_nano_rw_224"]["crop_pct"] = 0.9

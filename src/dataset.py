@@ -2,8 +2,9 @@
 
 train: RandomResizedCrop (or a plain resize for the 384 fine-tune), horizontal flip, RandAugment, normalise;
 MixUp on the batch with label smoothing folded into the soft targets. val: resize to size / crop_pct and
-center crop (or a plain resize), integer labels. Folder layout root/{train,val}/<class>/*.JPEG; the classes are
-the sorted folder names of root/train.
+center crop (or a plain resize), integer labels; the resize squashes the image to size / crop_pct as the
+original MindSpore CoAtNet did for the seed's figures, or keeps its aspect ratio as timm does (`eval_resize`).
+Folder layout root/{train,val}/<class>/*.JPEG; the classes are the sorted folder names of root/train.
 
 Decoder safety
 --------------
@@ -39,10 +40,11 @@ ranks different batch counts, leaving one rank waiting in an all-reduce forever.
 first corrupt file stops the run with a one-line error naming it.
 
 Determinism: `create_dataset` sets `mindspore.dataset.config.set_seed(seed)`, which seeds the shuffle, the
-shard split and the C++ random ops (crop, flip); RandAugment and MixUp draw from NumPy generators seeded by
-(seed, shard_id), each in a single-worker map so the draws follow the row order. Two runs with the same seed
-and worker count give the same order and the same augmentations (tested); a different num_parallel_workers
-changes which worker's random stream an image meets. set_seed is process-global: it also reseeds Python's
+shard split and the C++ random ops (crop, flip); RandAugment (its per-image magnitude, ops, signs and cutout
+positions) and MixUp draw from NumPy generators seeded by (seed, shard_id, stream), each in a single-worker map
+so the draws follow the row order. Two runs with the same seed and worker count give the same order and the
+same augmentations (tested); a different num_parallel_workers changes which worker's random stream an image
+meets. set_seed is process-global: it also reseeds Python's
 `random` and NumPy's global generator, and applies to pipelines created afterwards.
 """
 import io
@@ -75,6 +77,9 @@ INTERPOLATIONS = {
 }
 RANDOM_RESIZED_CROP_SCALE = (0.08, 1.0)
 RANDOM_RESIZED_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+# Eval resize before the center crop: "squash" resizes both sides to size / crop_pct whatever the image's aspect
+# ratio (the original MindSpore CoAtNet, behind the seed's figures); "aspect" resizes the shorter side (timm).
+EVAL_RESIZES = ("squash", "aspect")
 MAX_NATIVE_SIDE = 16384  # larger frames go through PIL (which applies its decompression-bomb limit)
 # RandAugment and MixUp generators are seeded (seed, shard_id, stream) so the two never share a stream
 _RAND_AUGMENT_STREAM, _MIXUP_STREAM = 0, 1
@@ -315,6 +320,15 @@ def _as_bmp(pixels: np.ndarray) -> np.ndarray:
     return np.frombuffer(buffer.getvalue(), dtype=np.uint8)
 
 
+def native_image_bytes(data: bytes) -> np.ndarray:
+    """The bytes of an image file as the native decoder may see them: `data` itself when its marker chain passes
+    `native_decode_refusal`, else the pixels PIL decodes, as BMP bytes (what `_SafeImageBytes` passes on for a
+    readable file). PIL's exception if the file is unreadable. For infer.py, which decodes outside a pipeline."""
+    if native_decode_refusal(data) is None:
+        return np.frombuffer(data, dtype=np.uint8)
+    return _as_bmp(decode_with_pil(data))
+
+
 _skipped_lock = threading.Lock()
 _skipped: list[str] = []
 _warned: set[str] = set()
@@ -479,7 +493,7 @@ def clamp_workers(n: int) -> int:
 
 
 def _check_arguments(split, batch_size, image_size, num_shards, shard_id, mixup_alpha, label_smoothing,
-                     image_mean, image_std, crop_pct, interpolation):
+                     image_mean, image_std, crop_pct, interpolation, eval_resize="aspect"):
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
     if batch_size < 1:
@@ -498,18 +512,67 @@ def _check_arguments(split, batch_size, image_size, num_shards, shard_id, mixup_
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}.")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {interpolation!r}.")
+    if eval_resize not in EVAL_RESIZES:
+        raise ValueError(f"eval_resize must be one of {EVAL_RESIZES}, got {eval_resize!r}.")
 
 
-def eval_resize_size(image_size: tuple[int, int], crop_pct: float) -> int | tuple[int, int]:
-    """Resize target before the eval center crop: the shorter side to floor(size / crop_pct), as timm does.
+def resolve_eval_resize(eval_resize: str, model_name: str) -> str:
+    """The config key `eval_resize` as `create_dataset` takes it: "auto" is "aspect" for timm's variants (the
+    preprocessing their weights were trained with) and "squash" for the original MindSpore CoAtNet's."""
+    if eval_resize != "auto":
+        return eval_resize
+    from .coatnet import TIMM_MODELS
 
-    A square image_size keeps the aspect ratio (an int size resizes the shorter side); a non-square one
-    resizes both sides (timm's behaviour for a (h, w) input size).
+    return "aspect" if model_name in TIMM_MODELS else "squash"
+
+
+def eval_resize_size(image_size: tuple[int, int], crop_pct: float, eval_resize: str = "aspect"
+                     ) -> int | tuple[int, int]:
+    """Resize target before the eval center crop.
+
+    "aspect" (timm): the shorter side to floor(size / crop_pct) for a square image_size (an int size keeps the
+    aspect ratio); both sides for a non-square one (timm's behaviour for a (h, w) input size). "squash" (the
+    original): both sides to int(side / crop_pct), (256, 256) for 224 at crop_pct 0.875, whatever the image.
     """
     height, width = image_size
-    if height == width:
+    if height == width and eval_resize == "aspect":
         return math.floor(height / crop_pct)
     return math.floor(height / crop_pct), math.floor(width / crop_pct)
+
+
+def eval_geometry(image_size: tuple[int, int], center_crop: bool, crop_pct: float, interpolation: str,
+                  eval_resize: str = "aspect") -> list:
+    """Decode and the eval resize: to size / crop_pct (see `eval_resize_size`) and a center crop, or with
+    `center_crop` False a plain resize to `image_size`."""
+    height, width = image_size
+    resample = INTERPOLATIONS[interpolation]
+    if not center_crop:
+        return [vision.Decode(), vision.Resize((height, width), resample)]
+    resized = eval_resize_size(image_size, crop_pct, eval_resize)
+    if eval_resize == "squash":
+        # the resized size is fixed, so the crop can sit where the original's PIL center crop put it:
+        # round((resized - size) / 2) (Python's round), where the native CenterCrop floors (1 px off at 192, 416)
+        top, left = round((resized[0] - height) / 2), round((resized[1] - width) / 2)
+        crop = vision.Crop((top, left), (height, width))
+    else:
+        crop = vision.CenterCrop((height, width))
+    return [vision.Decode(), vision.Resize(resized, resample), crop]
+
+
+def normalize_ops(image_mean, image_std) -> list:
+    """Normalise with mean / std on the 0-1 scale, then HWC -> CHW."""
+    return [vision.Normalize([255.0 * m for m in image_mean], [255.0 * s for s in image_std]), vision.HWC2CHW()]
+
+
+def eval_transforms(image_size: tuple[int, int], *, center_crop: bool, crop_pct: float, interpolation: str,
+                    image_mean, image_std, eval_resize: str = "aspect") -> list:
+    """The val pipeline's per-image ops, from the bytes `native_image_bytes` gives to a float32 CHW array: what
+    infer.py applies image by image (eagerly, bit-identical to the pipeline). `eval_resize` is "squash" or
+    "aspect" (`resolve_eval_resize` turns the config's "auto" into one). Bad values are one ValueError."""
+    _check_arguments("val", 1, image_size, 1, 0, 0.0, 0.0, image_mean, image_std, crop_pct, interpolation,
+                     eval_resize)
+    return (eval_geometry(image_size, center_crop, crop_pct, interpolation, eval_resize)
+            + normalize_ops(image_mean, image_std))
 
 
 def create_dataset(
@@ -525,12 +588,14 @@ def create_dataset(
     shard_id: int = 0,
     rand_augment_num_layers: int = 2,
     rand_augment_magnitude: int = 15,
+    rand_augment_magnitude_std: float = 0.5,
     mixup_alpha: float = 0.8,
     label_smoothing: float = 0.1,
     image_mean=(0.485, 0.456, 0.406),
     image_std=(0.229, 0.224, 0.225),
     crop_pct: float = 0.875,
     interpolation: str = "bicubic",
+    eval_resize: str = "aspect",
     strict_data: bool = False,
     shuffle: bool | None = None,
     seed: int = 0,
@@ -542,10 +607,11 @@ def create_dataset(
     [B, num_classes] soft targets (MixUp + label smoothing) for train, int32 [B] for val. shuffle and
     drop_remainder default to True for train, False for val. num_shards / shard_id split the files between
     data-parallel ranks (disjoint when the file count divides evenly; otherwise MindSpore repeats a file
-    to give every shard the same count).
+    to give every shard the same count). eval_resize ("squash" or "aspect", see `eval_resize_size`) applies to
+    val with center_crop; `dataset_from_config` resolves the config's "auto" from the model name.
     """
     _check_arguments(split, batch_size, image_size, num_shards, shard_id, mixup_alpha, label_smoothing,
-                     image_mean, image_std, crop_pct, interpolation)
+                     image_mean, image_std, crop_pct, interpolation, eval_resize)
     train = split == "train"
     class_indexing = _class_indexing(data_path, split, num_classes)
     workers = clamp_workers(num_parallel_workers)
@@ -581,28 +647,23 @@ def create_dataset(
                 (height, width), RANDOM_RESIZED_CROP_SCALE, RANDOM_RESIZED_CROP_RATIO, resample
             )
         ]
-    elif train or not center_crop:
-        geometry = [vision.Decode(), vision.Resize((height, width), resample)]
-    else:
-        geometry = [vision.Decode(), vision.Resize(eval_resize_size(image_size, crop_pct), resample),
-                    vision.CenterCrop((height, width))]
+    else:  # the plain resize of the 384 fine-tune is the eval one without the crop
+        geometry = eval_geometry(image_size, center_crop and not train, crop_pct, interpolation, eval_resize)
     flip = [vision.RandomHorizontalFlip()] if train else []
     data = data.map(geometry + flip, input_columns="image", num_parallel_workers=workers)
     if train and rand_augment_num_layers > 0:
         # one worker: RandAugment's generator then draws in the pipeline's row order (see src/rand_augment.py
-        # for why the draws are not native RandomChoice ops); the ops it applies are MindSpore's C++ ones
+        # for why the draws are not native RandomChoice ops); the ops it applies are MindSpore's C++ ones.
+        # Each image's magnitude comes from the same generator, seeded like MixUp's from (seed, shard_id):
+        # the trainer passes seed = config.seed + epoch, so an epoch's draws depend on (seed, epoch, shard, row).
         data = data.map(
             RandAugment(rand_augment_num_layers, rand_augment_magnitude, interpolation,
-                        seed=(seed, shard_id, _RAND_AUGMENT_STREAM)),
+                        seed=(seed, shard_id, _RAND_AUGMENT_STREAM), magnitude_std=rand_augment_magnitude_std),
             input_columns="image",
             num_parallel_workers=1,
             python_multiprocessing=False,
         )
-    normalize = [
-        vision.Normalize([255.0 * m for m in image_mean], [255.0 * s for s in image_std]),
-        vision.HWC2CHW(),
-    ]
-    data = data.map(normalize, input_columns="image", num_parallel_workers=workers)
+    data = data.map(normalize_ops(image_mean, image_std), input_columns="image", num_parallel_workers=workers)
     data = data.map(transforms.TypeCast(mstype.int32), input_columns="label", num_parallel_workers=1)
     data = data.batch(batch_size, drop_remainder=drop_remainder, num_parallel_workers=1)
     if train:
@@ -633,12 +694,14 @@ def dataset_from_config(config, split: str, num_shards: int = 1, shard_id: int =
         shard_id=shard_id,
         rand_augment_num_layers=config.rand_augment_num_layers,
         rand_augment_magnitude=config.rand_augment_magnitude,
+        rand_augment_magnitude_std=config.rand_augment_magnitude_std,
         mixup_alpha=config.mixup_alpha,
         label_smoothing=config.label_smoothing,
         image_mean=tuple(config.image_mean),
         image_std=tuple(config.image_std),
         crop_pct=config.crop_pct,
         interpolation=config.interpolation,
+        eval_resize=resolve_eval_resize(config.eval_resize, config.model_name),
         strict_data=config.strict_data,
         seed=config.seed,
     )

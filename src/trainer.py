@@ -16,6 +16,7 @@ from src.cell_wrapper import TrainStep
 from src.checkpoint import EMA_PREFIX, CheckpointError, load_checkpoint, read_metadata, weights_fingerprint
 from src.coatnet import CoAtNet, create_model
 from src.metrics import evaluate
+from src.precision import apply_precision
 from src.utils import RunContext, canonical_names, get_logger, lr_schedule, param_groups, set_seed
 
 __all__ = ["build_model", "train"]
@@ -27,6 +28,20 @@ def build_model(config) -> CoAtNet:
                         image_size=(config.image_height, config.image_width),
                         drop_path_rate=None if config.drop_path_rate < 0 else config.drop_path_rate,
                         drop_rate=config.head_drop_rate)
+
+
+def checkpoint_folder(config) -> str:
+    """Where a run's checkpoints go: ``save_checkpoint_path`` (the original's key), else output_path/checkpoints."""
+    return config.save_checkpoint_path or os.path.join(config.output_path, "checkpoints")
+
+
+def _profiler(config):
+    """MindSpore's Profiler around the run (``enable_profiling``), writing into output_path/profiler."""
+    if not config.enable_profiling:
+        return None
+    from mindspore import Profiler
+
+    return Profiler(output_path=os.path.join(config.output_path, "profiler"))
 
 
 def _epoch_config(config, epoch: int):
@@ -100,7 +115,7 @@ def train(config, run: RunContext, init_weights: Callable[[CoAtNet, object], Non
           upload: Callable[[], object] | None = None) -> dict:
     """Train as configured. ``init_weights(net, logger)`` loads pretrained weights (finetune);
     ``upload()`` syncs outputs to OBS (ModelArts). Returns the last epoch's metrics."""
-    from src.dataset import dataset_from_config, skipped_files
+    from src.dataset import class_names, dataset_from_config, skipped_files
 
     logger = get_logger(config.output_path, run.rank_id)
     set_seed(config.seed)
@@ -108,9 +123,7 @@ def train(config, run: RunContext, init_weights: Callable[[CoAtNet, object], Non
     names = canonical_names(net)
     if init_weights is not None:
         init_weights(net, logger)
-    if config.amp_level != "O0":
-        dtype = ms.float16 if config.amp_dtype == "float16" else ms.bfloat16
-        net = ms.amp.auto_mixed_precision(net, config.amp_level, dtype=dtype)
+    net = apply_precision(net, config.amp_level, config.amp_dtype)
 
     val_ds = dataset_from_config(config, "val", run.rank_size, run.rank_id) if config.eval_interval else None
     first_ds = dataset_from_config(_epoch_config(config, 0), "train", run.rank_size, run.rank_id)
@@ -140,8 +153,8 @@ def train(config, run: RunContext, init_weights: Callable[[CoAtNet, object], Non
                           ema_decay=config.ema_decay, reducer=reducer)
     state = _State(net, names, optimizer, step_cell, ema)
 
-    ckpt = CheckpointManager(config.output_path, config.keep_checkpoint_max, config.keep_best_checkpoint,
-                             enabled=run.is_main)
+    ckpt = CheckpointManager(checkpoint_folder(config), config.keep_checkpoint_max, config.keep_best_checkpoint,
+                             enabled=run.is_main and config.save_checkpoint)
     metrics = MetricsWriter(config.output_path, enabled=run.is_main)
     start_epoch = 0
     resume_path = resolve_resume(config, ckpt)
@@ -154,15 +167,16 @@ def train(config, run: RunContext, init_weights: Callable[[CoAtNet, object], Non
     elif config.resume == "auto":
         logger.info("resume=auto: no checkpoint yet, starting from scratch")
 
-    eval_net = None
-    if val_ds is not None:
-        eval_net = build_model(config) if ema is not None else net
+    ema_net = build_model(config) if val_ds is not None and ema is not None else None
     global_batch = config.batch_size * run.rank_size
     logger.info(f"rank {run.rank_id}/{run.rank_size}: {steps_per_epoch * config.batch_size} train samples "
                 f"per epoch (shard {run.rank_id} of {run.rank_size})")
     logger.info(f"model {config.model_name}: {sum(p.size for p in trainable):,} trainable params; "
                 f"{steps_per_epoch} steps/epoch x {config.num_epochs} epochs, global batch {global_batch}")
     step_log = StepLogger(logger, config.log_interval, steps_per_epoch, total_steps, global_batch)
+    # best.ckpt by the raw weights' top-1 (the original's Monitor), or by the EMA weights' when asked.
+    best_key = "ema_top1" if config.keep_best_by == "ema_top1" and ema is not None else "top1"
+    profiler = _profiler(config)
     record: dict = {}
     for epoch in range(start_epoch, config.num_epochs):
         ds = first_ds if epoch == 0 else dataset_from_config(_epoch_config(config, epoch), "train",
@@ -193,23 +207,27 @@ def train(config, run: RunContext, init_weights: Callable[[CoAtNet, object], Non
                   "skipped_files": skipped, "epoch_time_s": time.time() - t_epoch}
         is_last = epoch + 1 == config.num_epochs
         if val_ds is not None and ((epoch + 1) % config.eval_interval == 0 or is_last):
-            if ema is not None:
-                for p, e in zip(eval_net.get_parameters(), ema, strict=True):
+            # The raw weights, as the original scored them, and with EMA on the EMA weights too.
+            record.update(evaluate(net, val_ds, run.rank_size))
+            if ema_net is not None:
+                for p, e in zip(ema_net.get_parameters(), ema, strict=True):
                     p.set_data(e.value())
-            record.update(evaluate(eval_net, val_ds, run.rank_size))
-            record["eval_weights"] = "ema" if ema is not None else "raw"
-        logger.info(f"epoch {epoch + 1}/{config.num_epochs} loss {record['loss']:.4f} "
-                    + (f"top1 {record['top1']:.4f} top5 {record['top5']:.4f} " if "top1" in record else "")
-                    + f"skipped files {skipped} time {record['epoch_time_s']:.1f}s")
+                record.update({f"ema_{k}": v for k, v in evaluate(ema_net, val_ds, run.rank_size).items()
+                               if k in ("top1", "top5")})
+        scores = "".join(f"{k} {record[k]:.4f} " for k in ("top1", "top5", "ema_top1", "ema_top5") if k in record)
+        logger.info(f"epoch {epoch + 1}/{config.num_epochs} loss {record['loss']:.4f} {scores}"
+                    f"skipped files {skipped} time {record['epoch_time_s']:.1f}s")
         metrics.write(record)
         if (epoch + 1) % config.save_checkpoint_epochs == 0 or is_last:
             meta = {"model_name": config.model_name, "num_classes": config.num_classes,
                     "image_height": config.image_height, "image_width": config.image_width,
                     "epoch": epoch + 1, "global_step": record["step"], "top1": record.get("top1"),
-                    "best_top1": max(ckpt.best_top1, record.get("top1") or -1.0),
+                    "best_by": best_key, "best_top1": max(ckpt.best_top1, record.get(best_key) or -1.0),
                     "has_ema": ema is not None, "image_mean": config.image_mean, "image_std": config.image_std,
-                    "crop_pct": config.crop_pct, "interpolation": config.interpolation}
-            path = ckpt.save(epoch + 1, state.to_params(epoch + 1), meta, record.get("top1"))
+                    "crop_pct": config.crop_pct, "interpolation": config.interpolation,
+                    "center_crop": config.center_crop, "eval_resize": config.eval_resize,
+                    "class_names": class_names(config.data_path)}
+            path = ckpt.save(epoch + 1, state.to_params(epoch + 1), meta, record.get(best_key))
             if path:
                 logger.info(f"saved {path}")
         if upload is not None and run.is_main and (epoch + 1) % max(config.obs_sync_interval_epochs, 1) == 0:
@@ -219,6 +237,9 @@ def train(config, run: RunContext, init_weights: Callable[[CoAtNet, object], Non
                 logger.warning(f"periodic OBS upload failed ({exc}); the final upload will retry")
     # Trainable weights only: gradients are all-reduced, so these must agree on every rank, while
     # BatchNorm running statistics are per rank in data parallel (each normalises its own shard).
+    if profiler is not None:
+        profiler.analyse()
+        logger.info(f"profile written to {os.path.join(config.output_path, 'profiler')}")
     fingerprint = weights_fingerprint({names[id(p)]: p for p in net.trainable_params()})
     logger.info(f"final weights fingerprint {fingerprint}")
     record["weights_fingerprint"] = fingerprint

@@ -18,15 +18,16 @@ __all__ = ["lr_schedule", "param_groups", "RunContext", "setup_context", "set_se
 
 def lr_schedule(lr_max: float, lr_min: float, warmup_epochs: int, num_epochs: int,
                 steps_per_epoch: int) -> np.ndarray:
-    """Per-step learning rate: linear warmup to ``lr_max`` over ``warmup_epochs`` (reached on the
-    last warmup step), then half-cosine from ``lr_max`` (first step after warmup) down to exactly
-    ``lr_min`` on the last step. ``lr_max == lr_min`` gives a constant rate (the fine-tune recipe)."""
+    """Per-step learning rate: linear warmup from ``lr_min`` (first step) towards ``lr_max`` over
+    ``warmup_epochs``, as the original's ``get_lr`` (lr_min + (lr_max - lr_min) * i / warmup_steps), then
+    half-cosine from ``lr_max`` (first step after warmup) down to exactly ``lr_min`` on the last step (the
+    original stops one step short of it). ``lr_max == lr_min`` gives a constant rate (the fine-tune recipe)."""
     total = num_epochs * steps_per_epoch
     warmup = warmup_epochs * steps_per_epoch
     lr = np.empty(total, np.float64)
     steps = np.arange(total)
     if warmup:
-        lr[:warmup] = lr_max * (steps[:warmup] + 1) / warmup
+        lr[:warmup] = lr_min + (lr_max - lr_min) * steps[:warmup] / warmup
     decay = total - warmup
     if decay == 1:
         lr[warmup:] = lr_min
@@ -66,7 +67,8 @@ def setup_context(config) -> RunContext:
     msrun, so it is called only when RANK_SIZE > 1."""
     mode = ms.GRAPH_MODE if config.mode == "GRAPH" else ms.PYNATIVE_MODE
     rank_size = device_adapter.get_device_num(config)
-    device_id = device_adapter.get_device_id(config)
+    # The original's rule: device_id 0 (its default) means "from the environment".
+    device_id = config.device_id or device_adapter.get_device_id(config)
     ms.set_device(config.device_target, device_id if config.device_target != "CPU" else None)
     ms.set_context(mode=mode)
     if config.mode == "GRAPH":

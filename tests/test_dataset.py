@@ -18,9 +18,11 @@ from src.dataset import (
     class_names,
     create_dataset,
     dataset_from_config,
+    eval_geometry,
     mixup_soft_targets,
     native_decode_refusal,
     reset_skipped_files,
+    resolve_eval_resize,
     skipped_files,
 )
 from src.rand_augment import RandAugment, op_arguments, solarize_add
@@ -372,9 +374,10 @@ def test_clamp_workers_warns_above_the_core_count():
 def test_dataset_from_config_maps_the_config_keys(tree):
     config = types.SimpleNamespace(
         data_path=tree, image_height=24, image_width=32, num_classes=4, center_crop=True, num_parallel_workers=64,
-        batch_size=5, eval_batch_size=0, rand_augment_num_layers=2, rand_augment_magnitude=15, mixup_alpha=0.8,
-        label_smoothing=0.1, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], crop_pct=0.95,
-        interpolation="bilinear", strict_data=False, seed=1,
+        batch_size=5, eval_batch_size=0, rand_augment_num_layers=2, rand_augment_magnitude=15,
+        rand_augment_magnitude_std=0.5, mixup_alpha=0.8, label_smoothing=0.1, image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5], crop_pct=0.95, interpolation="bilinear", eval_resize="auto",
+        model_name="coatnet_tiny", strict_data=False, seed=1,
     )
     with pytest.warns(UserWarning, match="num_parallel_workers=64"):
         (image, label), *_ = batches(dataset_from_config(config, "train"))
@@ -382,6 +385,114 @@ def test_dataset_from_config_maps_the_config_keys(tree):
         assert dataset_from_config(config, "val", batch_size=7).get_dataset_size() == 3
     assert image.shape == (5, 3, 24, 32) and label.shape == (5, 4)
     assert val_image.shape == (5, 3, 24, 32) and val_label.dtype == np.int32  # eval_batch_size 0 -> batch_size
+
+
+def test_rand_augment_magnitude_std_reaches_the_train_pipeline(tree, monkeypatch):
+    import src.dataset
+
+    built = []
+
+    class Recording(src.dataset.RandAugment):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(src.dataset, "RandAugment", Recording)
+    for std in (0.5, 0.0):
+        batches(train(tree, seed=5, rand_augment_magnitude_std=std))
+    assert [augment.magnitude_std for augment in built] == [0.5, 0.0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# eval resize: the original's squash, timm's aspect-preserving resize
+
+
+def _squash_reference(image: Image.Image, size: tuple[int, int], crop_pct: float = 0.875) -> np.ndarray:
+    """The original's eval: PIL bicubic resize to (int(h / 0.875), int(w / 0.875)), then its PIL center crop at
+    (round((H - h) / 2), round((W - w) / 2))."""
+    height, width = size
+    resized_h, resized_w = int(height / crop_pct), int(width / crop_pct)
+    resized = np.asarray(image.resize((resized_w, resized_h), Image.Resampling.BICUBIC))
+    top, left = int(round((resized_h - height) / 2.0)), int(round((resized_w - width) / 2.0))
+    return resized[top:top + height, left:left + width]
+
+
+@pytest.mark.parametrize("size", [(32, 32), (24, 36)])
+def test_squash_eval_resize_gives_the_originals_shapes_on_a_non_square_image(size):
+    image = _photo(6, size=(48, 40))  # 40 high, 48 wide
+    data = np.frombuffer(_encode(image, "PNG"), dtype=np.uint8)
+    stages = {}
+    for mode in ("squash", "aspect"):
+        decode, resize, crop = eval_geometry(size, True, 0.875, "bicubic", mode)
+        resized = resize(decode(data))
+        stages[mode] = resized.shape[:2], crop(resized)
+    height, width = size
+    # the original: both sides to side / 0.875 whatever the image's shape; timm: the shorter side (square size)
+    assert stages["squash"][0] == (int(height / 0.875), int(width / 0.875))
+    assert stages["aspect"][0] == ((36, 43) if size == (32, 32) else (27, 41))
+    np.testing.assert_array_equal(stages["squash"][1], _squash_reference(image, size))
+    if size == (32, 32):
+        assert not np.array_equal(stages["aspect"][1], stages["squash"][1])
+    else:  # timm resizes a non-square size the same way; its native center crop floors the offset (1, 2) where
+        # the original rounds it (2, 2)
+        resized = np.asarray(image.resize((41, 27), Image.Resampling.BICUBIC))
+        np.testing.assert_array_equal(stages["aspect"][1], resized[1:25, 2:38])
+
+
+def test_val_pipeline_squashes_or_keeps_the_aspect_ratio_as_told(tree):
+    files = sorted(glob.glob(os.path.join(tree, "val", "*", "*.JPEG")))
+    images = {}
+    for mode in ("squash", "aspect"):
+        dataset = create_dataset(tree, "val", batch_size=18, image_size=(32, 32), num_classes=NUM_CLASSES,
+                                 eval_resize=mode)
+        (images[mode], _), = batches(dataset)
+    for got, path in zip(pixels(images["squash"]), files, strict=True):
+        np.testing.assert_allclose(got, _squash_reference(Image.open(path).convert("RGB"), (32, 32)), atol=0.01)
+    assert all(np.abs(a - b).max() > 0.1 for a, b in zip(images["squash"], images["aspect"], strict=True))
+    with pytest.raises(ValueError, match="eval_resize must be one of"):
+        create_dataset(tree, "val", batch_size=4, image_size=(32, 32), num_classes=NUM_CLASSES, eval_resize="auto")
+
+
+def test_auto_eval_resize_squashes_for_the_original_and_a_timm_checkpoint_keeps_its_preprocessing(tree):
+    from src.convert_timm import TIMM_PREPROCESS
+    from src.model_utils.config import ConfigError, load_config
+    from src.predict import apply_metadata
+
+    assert resolve_eval_resize("auto", "coatnet_1") == resolve_eval_resize("auto", "coatnet_tiny") == "squash"
+    assert resolve_eval_resize("auto", "coatnet_0_rw_224") == resolve_eval_resize("auto", "coatnet_0_224") == "aspect"
+    assert resolve_eval_resize("aspect", "coatnet_1") == "aspect"
+    assert {meta["eval_resize"] for meta in TIMM_PREPROCESS.values()} == {"aspect"}
+    with pytest.raises(ConfigError, match="'eval_resize'"):
+        load_config(["--eval_resize=crop"])
+
+    flags = [f"--data_path={tree}", "--image_height=32", "--image_width=32", "--num_parallel_workers=2",
+             f"--num_classes={NUM_CLASSES}", "--batch_size=18"]
+    files = sorted(glob.glob(os.path.join(tree, "val", "*", "*.JPEG")))
+
+    def val_pixels(config) -> np.ndarray:
+        (images, _), = batches(dataset_from_config(config, "val"))
+        mean, std = np.array(config.image_mean), np.array(config.image_std)
+        return (images.transpose(0, 2, 3, 1) * std + mean) * 255.0
+
+    original = load_config(flags)  # the default model, coatnet_1
+    for got, path in zip(val_pixels(original), files, strict=True):
+        np.testing.assert_allclose(got, _squash_reference(Image.open(path).convert("RGB"), (32, 32)), atol=0.01)
+
+    # a converted timm checkpoint, as eval.py / infer.py open it: its sidecar names the model and its preprocessing
+    sidecar = {"model_name": "coatnet_0_rw_224", "num_classes": NUM_CLASSES, **TIMM_PREPROCESS["coatnet_0_rw_224"]}
+    timm = load_config(flags)
+    apply_metadata(timm, sidecar)
+    assert (timm.crop_pct, timm.image_mean, timm.eval_resize) == (0.95, [0.5, 0.5, 0.5], "aspect")
+    for got, path in zip(val_pixels(timm), files, strict=True):
+        # shorter side to floor(32 / 0.95) = 33 (40x48 -> 33x39), then the central 32x32 (native CenterCrop)
+        resized = np.asarray(Image.open(path).convert("RGB").resize((39, 33), Image.Resampling.BICUBIC))
+        np.testing.assert_allclose(got, resized[0:32, 3:35], atol=0.01)
+
+    # an explicit key wins over the model's default
+    squashed = load_config(flags + ["--eval_resize=squash"])
+    apply_metadata(squashed, sidecar)
+    for got, path in zip(val_pixels(squashed), files, strict=True):
+        np.testing.assert_allclose(got, _squash_reference(Image.open(path).convert("RGB"), (32, 32), 0.95), atol=0.01)
 
 
 # ---------------------------------------------------------------------------------------------------------

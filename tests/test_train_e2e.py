@@ -37,11 +37,13 @@ def test_training_writes_checkpoints_and_metrics_and_loss_falls(trained):
     assert {"loss", "lr", "loss_scale", "img_per_s"} <= set(steps[0])
     assert epochs[2]["loss"] < epochs[0]["loss"]
     assert np.mean([s["loss"] for s in steps[-12:]]) < np.mean([s["loss"] for s in steps[:12]])
-    assert epochs[2]["eval_weights"] == "ema" and 0.0 <= epochs[2]["top1"] <= 1.0
+    # Scored as the original did (raw weights), and the EMA weights beside them.
+    assert 0.0 <= epochs[2]["top1"] <= 1.0 and 0.0 <= epochs[2]["ema_top1"] <= 1.0
     params = load_checkpoint(os.path.join(out, "checkpoints", "epoch_0003.ckpt"))
     assert "ema.head.fc.weight" in params and "adam_m.head.fc.weight" in params
     assert not np.allclose(params["ema.head.fc.weight"], params["head.fc.weight"])
     log = open(os.path.join(out, "log", "rank_0.log")).read()
+    assert " top1 " in log and " ema_top1 " in log
     assert "loss_scale" in log and "img/s" in log and "ETA" in log and "skipped files 0" in log
 
 
@@ -57,7 +59,11 @@ def test_eval_prints_top1_and_writes_json(trained):
     assert top5 == 1.0  # 3 classes: top-5 covers all
     # the per-epoch EMA eval during training saw the same weights and data
     epochs = [json.loads(ln) for ln in open(os.path.join(out, "metrics.jsonl")) if '"epoch"' in ln]
-    assert epochs[-1]["top1"] == pytest.approx(top1, abs=1e-4)
+    assert epochs[-1]["ema_top1"] == pytest.approx(top1, abs=1e-4)
+    run("eval.py", f"--data_path={data}", f"--output_path={out}", *TINY, "--num_classes=3",
+        f"--checkpoint_path={ckpt}")  # and the raw weights' score is the raw top-1 of the epoch
+    assert json.load(open(os.path.join(out, "eval_result.json")))["top1"] == pytest.approx(epochs[-1]["top1"],
+                                                                                         abs=1e-4)
 
 
 def test_eval_refuses_a_checkpoint_of_another_shape(trained):

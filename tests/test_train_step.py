@@ -116,8 +116,9 @@ def test_clip_norm_bounds_the_applied_gradient(norm_as_matmul):
 def test_lr_schedule_warmup_peak_and_final():
     lr = lr_schedule(1e-3, 1e-5, warmup_epochs=2, num_epochs=10, steps_per_epoch=5)
     assert lr.shape == (50,)
-    assert lr[0] == pytest.approx(1e-4)  # 1/10 of the way up
-    assert lr[9] == pytest.approx(1e-3)  # warmup ends at lr_max
+    # Warm-up from lr_min as the original's get_lr: lr_min + (lr_max - lr_min) * i / warmup_steps.
+    for i in (0, 1, 9):
+        assert lr[i] == pytest.approx(1e-5 + (1e-3 - 1e-5) * i / 10)
     assert lr[10] == pytest.approx(1e-3)  # cosine starts at the peak
     assert lr.max() == pytest.approx(1e-3)
     assert lr[-1] == pytest.approx(1e-5)  # and ends exactly at lr_min

@@ -7,6 +7,12 @@
 Precedence: YAML file (``--config_path``, default ``default_config.yaml``) < ``overrides`` <
 command-line flags. A value is coerced to the type of the default in ``default_config.yaml``; an
 unknown key suggests the closest known one.
+
+The original MindSpore CoAtNet's configuration runs unchanged: its YAML (three documents: values,
+descriptions, choices; the first is read) and its command-line keys. Its names for our keys are aliases
+(``ALIASES``; both spellings with different values in one layer is an error), ``run_eval`` maps to
+``eval_interval``, and its keys that do nothing here are accepted with one warning line naming them
+(``NO_EFFECT``).
 """
 from __future__ import annotations
 
@@ -39,12 +45,49 @@ _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
 
 
+#: The original project's key -> ours (same meaning).
+ALIASES = {
+    "architecture": "model_name",
+    "dataset_path": "data_path",
+    "pretrain_ckpt": "pretrained",
+    "load_path": "pretrained",
+    "ckpt_url": "checkpoint_url",
+    "ckpt_file": "checkpoint_path",
+}
+#: The original project's keys that change nothing here, and why (one warning line names those given).
+NO_EFFECT = {
+    "enable_graph_kernel": "graph kernel fusion follows jit_level",
+    "run_distribute": "data parallel follows msrun's RANK_SIZE",
+    "run_distribute_eval": "data parallel follows msrun's RANK_SIZE",
+    "run_distribute_export": "export runs on one device",
+    "rank_id": "set by msrun",
+    "rank_size": "set by msrun",
+    "device_id_export": "export uses device_id",
+    "activation": "eval reports top-1/top-5 of the logits",
+    "freeze_layer": "unused by the original's training too",
+    "filter_head": "a head of another num_classes is re-initialised by finetune.py",
+    "enable_cache": "no dataset cache server",
+    "cache_session_id": "no dataset cache server",
+    "is_training": "train.py/eval.py decide",
+    "is_training_eval": "train.py/eval.py decide",
+    "is_training_export": "export.py exports the inference network",
+    "batch_size_postprocess": "no postprocess.py (Ascend 310 inference) here",
+    "label_path": "no postprocess.py (Ascend 310 inference) here",
+    "multi_data_url": "not implemented yet: OpenI multi-dataset download",
+    "result_url": "not implemented yet",
+    "result_path": "not implemented yet",
+    "need_modelarts_dataset_unzip": "not implemented yet: zipped datasets",
+    "modelarts_dataset_unzip_name": "not implemented yet: zipped datasets",
+}
+
+
 def _read_yaml(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     with open(path) as f:
         try:
-            data = yaml.safe_load(f) or {}
+            # The original's files hold three documents (values, descriptions, choices): values first.
+            data = next(iter(yaml.safe_load_all(f)), None) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -131,6 +174,31 @@ def _parse_argv(argv: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _resolve_aliases(source: str, layer: Mapping[str, Any]) -> dict[str, Any]:
+    """One layer (a file, overrides or the command line) with the original's key names replaced by ours
+    and ``run_eval`` by ``eval_interval``. An empty alias value (the original's YAML leaves unused keys
+    "") sets nothing; both spellings with different values in one layer is an error."""
+    out: dict[str, Any] = {k: v for k, v in layer.items() if k not in ALIASES and k != "run_eval"}
+    given: dict[str, str] = {}
+    for key, value in layer.items():
+        if key not in ALIASES or value in (None, ""):
+            continue
+        ours = ALIASES[key]
+        if ours in out and str(out[ours]) != str(value):
+            spelled = given.get(ours, ours)
+            raise ConfigError(f"{source}: '{key}' ({value!r}) and '{spelled}' ({out[ours]!r}) set the same "
+                              f"key '{ours}' to different values; give one")
+        out[ours] = value
+        given[ours] = key
+    if "run_eval" in layer:
+        run_eval = _coerce("run_eval", layer["run_eval"], True)
+        if "eval_interval" in out and bool(int(out["eval_interval"])) != run_eval:
+            raise ConfigError(f"{source}: 'run_eval' ({layer['run_eval']!r}) contradicts 'eval_interval' "
+                              f"({out['eval_interval']!r}); give one")
+        out.setdefault("eval_interval", 1 if run_eval else 0)
+    return out
+
+
 def load_config(argv: Sequence[str] | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
     """Build the run configuration. Raises ConfigError with one sentence on any bad key/value."""
     import sys
@@ -145,10 +213,11 @@ def load_config(argv: Sequence[str] | None = None, overrides: Mapping[str, Any] 
     if overrides:
         layers.append(("overrides", overrides))
     layers.append(("command line", flags))
+    layers = [(source, _resolve_aliases(source, layer)) for source, layer in layers]
     for _, layer in layers:
         for key, value in layer.items():
             if key not in defaults:
-                raise _unknown(key, list(defaults))
+                raise _unknown(key, list(defaults) + list(ALIASES) + ["run_eval"])
             values[key] = _coerce(key, value, defaults[key])
     values["config_path"] = path or DEFAULT_CONFIG
     config = Config(**values)
@@ -156,17 +225,23 @@ def load_config(argv: Sequence[str] | None = None, overrides: Mapping[str, Any] 
     # checkpoint's own preprocessing unless the user set it explicitly.
     config.explicit_keys = sorted({k for _, layer in layers for k in layer})
     _validate(config)
+    ignored = [k for k in config.explicit_keys if k in NO_EFFECT]
+    if ignored:
+        reasons = "; ".join(f"{k}: {NO_EFFECT[k]}" for k in ignored)
+        print(f"warning: config keys with no effect here: {reasons}", file=sys.stderr)
     return config
 
 
 _CHOICES = {
     "device_target": ("CPU", "GPU", "Ascend"),
     "mode": ("GRAPH", "PYNATIVE"),
-    "amp_level": ("O0", "O1", "O2", "O3"),
+    "amp_level": ("O0", "O1", "O2", "O3", "original"),  # src/precision.py; "" is resolved first (_validate)
     "jit_level": ("O0", "O1", "O2"),
     "interpolation": ("bicubic", "bilinear", "nearest"),
     "file_format": ("MINDIR", "ONNX", "AIR"),
     "amp_dtype": ("float16", "bfloat16"),
+    "keep_best_by": ("top1", "ema_top1"),
+    "eval_resize": ("auto", "squash", "aspect"),
 }
 _POSITIVE = ("num_classes", "image_height", "image_width", "batch_size", "num_epochs", "num_parallel_workers",
              "loss_scale", "loss_scale_window", "log_interval", "save_checkpoint_epochs", "keep_checkpoint_max")
@@ -174,6 +249,8 @@ _UNIT = ("ema_decay", "label_smoothing", "head_drop_rate", "crop_pct", "beta1", 
 
 
 def _validate(c: Config) -> None:
+    if c.amp_level == "":  # the original's float16 scheme where it trained; float32 on CPU, fastest there
+        c.amp_level = "O0" if c.device_target == "CPU" else "original"
     for key, allowed in _CHOICES.items():
         value = getattr(c, key)
         if value not in allowed:
@@ -198,6 +275,12 @@ def _validate(c: Config) -> None:
                           f"[0, num_epochs={c.num_epochs}]")
     if c.mixup_alpha < 0:
         raise ConfigError(f"config key 'mixup_alpha': value {c.mixup_alpha} must be >= 0")
+    if c.rand_augment_magnitude_std < 0:
+        raise ConfigError(f"config key 'rand_augment_magnitude_std': value {c.rand_augment_magnitude_std} must be "
+                          ">= 0 (0: a fixed magnitude)")
+    if c.amp_level == "O1":
+        raise ConfigError("config key 'amp_level': O1 cannot run on MindSpore 2.10, whose network rewrite fails on "
+                          "this model (NameError: name 'Conv2dOpt' is not defined); use original, O2 or O3")
     if c.device_target == "CPU" and c.amp_level != "O0" and c.amp_dtype == "bfloat16":
         raise ConfigError(f"config key 'amp_dtype': bfloat16 with amp_level {c.amp_level} cannot run on "
                           "device_target CPU (MindSpore 2.10 has no CPU bfloat16 kernels for this model); "
