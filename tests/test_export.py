@@ -133,6 +133,13 @@ def test_use_ema_exports_the_ema_weights(ckpt, tmp_path):
     assert np.abs(got - _python_logits(ckpt, x)).max() > 1e-3
 
 
+def test_batch_size_export_sets_the_exported_batch(ckpt, tmp_path):
+    """The original's key: the batch of the exported graph (0: batch_size)."""
+    path = _export(ckpt, tmp_path, "b3", "--file_format=ONNX", "--batch_size_export=3")
+    dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [3, 3, 32, 32]
+
+
 def test_onnx_of_a_timm_structure_writes_exact_gelu_as_erf(tmp_path):
     name = "coatnet_nano_rw_224"
     ckpt = _training_checkpoint(name, tmp_path / "nano.ckpt")
