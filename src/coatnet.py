@@ -416,13 +416,12 @@ class SqueezeExcite(nn.Cell):
         self.fc1 = nn.Conv2d(channels, rd_channels, 1, has_bias=True)
         self.act = _act(act)
         self.fc2 = nn.Conv2d(rd_channels, channels, 1, has_bias=True)
+        self.sigmoid = nn.Sigmoid()  # a cell: mixed precision can keep it in float32 (src/precision.py)
         self.gate = ChannelGate()
 
     def construct(self, x):
         s = self.fc2(self.act(self.fc1(spatial_mean(x))))
-        # The gate's sigmoid in float32 under float16 mixed precision, as the original's nn.Sigmoid kept
-        # in float32 (a no-op in float32).
-        return self.gate(x, ops.sigmoid(s.astype(ms.float32)).astype(x.dtype))
+        return self.gate(x, self.sigmoid(s))
 
 
 class MBConvBlock(nn.Cell):

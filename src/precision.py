@@ -6,19 +6,18 @@
 - ``original``: the original MindSpore CoAtNet's scheme (its train.py: ``net.to_float(float16)``, then
   ``nn.BatchNorm2d``, ``nn.LayerNorm``, ``nn.Softmax``, ``nn.GELU``, ``nn.Tanh`` and ``nn.Sigmoid`` kept
   in float32, the loss in float32). Here those are our cells of the same function: ``BatchNormAct2d``
-  (BatchNorm with its activation, which is GELU in that network), ``LayerNorm2d``, ``Softmax``, ``GELU``,
-  ``nn.Tanh``; the original's Swish in squeeze-excitation was ``x * nn.Sigmoid()(x)``, so ``nn.SiLU``
-  stays float32 too, and the SE gate's ``ops.sigmoid`` computes in float32 inside ``SqueezeExcite``.
-- ``O2``: MindSpore's O2: float16 but for MindSpore's black list (BatchNorm, ``nn.LayerNorm``) and our
-  ``LayerNorm2d``, a LayerNorm that list cannot know.
-- ``O3``: MindSpore's O3: every cell float16 (inside, the model still takes LayerNorm statistics and the
-  SE gate's sigmoid in float32, as at every level).
+  (BatchNorm with its activation, GELU in that network), ``LayerNorm2d``, ``Softmax``, ``GELU``,
+  ``nn.Tanh`` and ``nn.Sigmoid`` (the SE gate); its Swish was ``x * nn.Sigmoid()(x)``, so ``nn.SiLU``
+  stays float32 too.
+- ``O2``: MindSpore's O2: float16 but for MindSpore's black list (BatchNorm, ``nn.LayerNorm``).
+- ``O3``: MindSpore's O3: every cell float16.
 - ``O1`` (MindSpore's white list by network rewrite) is refused at config load: MindSpore 2.10's rewrite
   cannot rebuild this network (see below).
 
-Every float16 level keeps the attention's bias add in float32 (first workaround below), the network's
-output and the loss in float32, and the parameters (so the checkpoints) float32 under their own names;
-cells kept in float32 hand float16 on to the next.
+At every float16 level two cells the model computes in float32 by design stay float32 (both workarounds
+below): ``LayerNorm2d`` (statistics in float32) and ``BatchBroadcastAdd`` (the relative-position bias
+added to float32 attention scores). The network's output and the loss are float32, the parameters (so
+the checkpoints) float32 under their own names; cells kept in float32 hand float16 on to the next.
 
 MindSpore 2.10 workarounds, listed here once:
 
@@ -26,12 +25,15 @@ MindSpore 2.10 workarounds, listed here once:
   in, not in the dtype the inputs arrived in, while the compiler believes the latter, so a later ``Cast``
   to float32 is dropped as a no-op. ``BatchBroadcastAdd`` in float16 (given the float32 attention scores)
   so hands the relative-position tables float16 gradients: "For Stack, all types should be same" at the
-  train step's gradient norm, which no cast there can fix. ``BatchBroadcastAdd`` therefore stays float32
-  at every float16 level, as the model means it to (it adds the bias to float32 scores). Where such a
-  mismatch meets an explicit cast (the float32 ``Softmax`` of ``original`` after the bias add's float16
-  output) the dtype is restored; at every level all gradients are float32 (the train-step tests would
-  stop at that Stack otherwise). Test that fails once MindSpore fixes it:
+  train step's gradient norm, which no cast there can fix. Where such a mismatch meets an explicit cast
+  (the float32 ``Softmax`` of ``original`` after the bias add's float16 output) the dtype is restored; at
+  every level all gradients are float32 (the train-step tests would stop at that Stack otherwise). Test
+  that fails once MindSpore fixes it:
   ``tests/test_precision.py::test_mindspore_custom_bprop_gradient_dtype_bug_is_still_there``.
+- In PyNative mode ``to_float(float16)`` casts the inputs of every operator inside the cell, so a cell's
+  own ``astype(float32)`` does not hold (in graph mode it does): ``LayerNorm2d`` at O3 then normalises in
+  float16 and every gradient is NaN at any loss scale. Test that fails once that changes:
+  ``tests/test_precision.py::test_mindspore_pynative_to_float_still_overrides_casts_inside_a_cell``.
 - ``O1``: the rewrite emits ``class DepthwiseConv2dOpt_1(DepthwiseConv2d, Conv2dOpt)`` while it named
   the rewritten ``nn.Conv2d`` classes ``Conv2dOpt_<n>``: "NameError: name 'Conv2dOpt' is not defined",
   after writing a ``rewritten_network/`` folder into the working directory. Test that fails once
@@ -46,15 +48,15 @@ from src.coatnet import GELU, BatchBroadcastAdd, BatchNormAct2d, LayerNorm2d, So
 
 __all__ = ["AMP_LEVELS", "FLOAT32_CELLS", "apply_precision"]
 
-# See the module docstring: float32 at every float16 level, for MindSpore 2.10's custom-bprop dtype bug.
-_MINDSPORE_WORKAROUND = (BatchBroadcastAdd,)
+# Float32 at every float16 level, as the model computes them (the module docstring says why).
+_ALWAYS_FLOAT32 = (LayerNorm2d, BatchBroadcastAdd)
 
 #: Cells computing in float32 per level (a kept cell's sub-cells are float32 with it).
 FLOAT32_CELLS: dict[str, tuple[type[nn.Cell], ...]] = {
-    "original": (*ms.amp.get_black_list(), BatchNormAct2d, LayerNorm2d, Softmax, nn.Softmax, GELU, nn.GELU,
-                 nn.Tanh, nn.Sigmoid, nn.SiLU, *_MINDSPORE_WORKAROUND),
-    "O2": (*ms.amp.get_black_list(), LayerNorm2d, *_MINDSPORE_WORKAROUND),
-    "O3": _MINDSPORE_WORKAROUND,
+    "original": (*ms.amp.get_black_list(), BatchNormAct2d, Softmax, nn.Softmax, GELU, nn.GELU, nn.Tanh,
+                 nn.Sigmoid, nn.SiLU, *_ALWAYS_FLOAT32),
+    "O2": (*ms.amp.get_black_list(), *_ALWAYS_FLOAT32),
+    "O3": _ALWAYS_FLOAT32,
 }
 
 #: The levels ``apply_precision`` implements.

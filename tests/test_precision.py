@@ -52,7 +52,7 @@ def _train_step(amp_level, *, loss_scale=2.0 ** 24, clip=1.0, ema_decay=0.9, sgd
     if sgd_lr is not None:
         opt = nn.SGD(params, learning_rate=sgd_lr)
     else:
-        opt = nn.AdamWeightDecay(param_groups(params, 0.05, names), learning_rate=2e-3, eps=1e-6)
+        opt = nn.AdamWeightDecay(param_groups(params, 0.05, names), learning_rate=5e-4, eps=1e-6)
     all_params = list(net.get_parameters())
     ema = tuple(Parameter(p.value().copy(), name=EMA_PREFIX + names[id(p)], requires_grad=False) for p in all_params)
     step = TrainStep(net, opt, loss_scale=loss_scale, clip_norm=clip, ema_params=ema,
@@ -90,6 +90,20 @@ def test_float16_steps_skip_overflows_halving_the_scale_then_train(amp_level, jp
         assert np.isfinite(p.asnumpy()).all(), p.name
     # Three consecutive steps see the three batches: the first applied ones against the last.
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+
+
+def test_pynative_o3_float16_step_is_finite_once_the_scale_fits(jpeg_batches):
+    """PyNative's to_float casts every operator's inputs inside a cell: LayerNorm2d must stay a float32 cell
+    there, or its float16 statistics make every gradient NaN at any scale."""
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    step, trainable, _, _ = _train_step("O3", loss_scale=2.0 ** 18)
+    before = _values(trainable)
+    for i in range(4):
+        _, finite, _, grad_norm = step(*jpeg_batches[i % len(jpeg_batches)])
+        if bool(finite.asnumpy()):
+            break
+    assert bool(finite.asnumpy()) and np.isfinite(float(grad_norm.asnumpy()))
+    assert any(not np.array_equal(a, p.asnumpy()) for a, p in zip(before, trainable, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +188,8 @@ class _Scores(nn.Cell):
 
 def test_mindspore_custom_bprop_gradient_dtype_bug_is_still_there():
     """MindSpore 2.10: a float16 cell with its own bprop, given a float32 input, hands a float32 parameter a
-    float16 gradient that a Cast to float32 does not change. When this fails, MindSpore has fixed it: drop
-    ``_MINDSPORE_WORKAROUND`` in src/precision.py (O2/O3 must still pass the tests above)."""
+    float16 gradient that a Cast to float32 does not change. When this fails, MindSpore has fixed it:
+    BatchBroadcastAdd need no longer stay float32 at every level in src/precision.py (if O2/O3 still train)."""
     net = _Scores().to_float(ms.float16)
     weights = ms.ParameterTuple(net.trainable_params())
 
@@ -190,6 +204,22 @@ def test_mindspore_custom_bprop_gradient_dtype_bug_is_still_there():
 
     (grad,) = Grads()(Tensor(np.ones((3, 2, 4, 4), np.float32)))
     assert grad.dtype == ms.float16
+
+
+class _CastInside(nn.Cell):
+    def construct(self, x):
+        return x.astype(ms.float32) * 1.0
+
+
+def test_mindspore_pynative_to_float_still_overrides_casts_inside_a_cell():
+    """MindSpore 2.10, PyNative: inside a to_float(float16) cell an operator gets float16 even after an explicit
+    astype(float32) (graph mode keeps the float32). When this fails, LayerNorm2d may go back to float16 at O3 in
+    src/precision.py (if the O3 tests still pass)."""
+    cell = _CastInside().to_float(ms.float16)
+    x = Tensor(np.ones((2, 3), np.float32))
+    assert cell(x).dtype == ms.float32
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    assert cell(x).dtype == ms.float16
 
 
 def test_mindspore_o1_rewrite_still_fails_on_this_network(tmp_path):
@@ -221,24 +251,25 @@ def test_train_py_float16_o2_run_recovers_from_overflow_trains_and_saves_plain_f
     data = make_color_tree(str(tmp_path / "data"), NUM_CLASSES, train_per_class=16)
     out = str(tmp_path / "out")
     run("train.py", f"--data_path={data}", f"--output_path={out}", *TINY, f"--num_classes={NUM_CLASSES}",
-        "--amp_level=O2", "--num_epochs=6", "--batch_size=4", "--lr_max=0.002", "--lr_min=0.0002",
-        "--rand_augment_num_layers=0", "--eval_interval=6", "--save_checkpoint_epochs=6")
+        "--amp_level=O2", "--num_epochs=12", "--batch_size=8", "--lr_max=0.001", "--lr_min=0.0001",
+        "--rand_augment_num_layers=0", "--eval_interval=12", "--save_checkpoint_epochs=12")
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     steps = [r for r in records if r["type"] == "step"]
     epochs = [r for r in records if r["type"] == "epoch"]
-    assert len(steps) == 72 and len(epochs) == 6
+    assert len(steps) == 72 and len(epochs) == 12
     # The first steps overflow at 2^24: each is skipped (and logged so), the next one runs at half the scale.
     scales = [s["loss_scale"] for s in steps]
     leading = next(i for i in range(len(scales)) if scales[i + 1] != scales[i] / 2)
     assert leading >= 3 and scales[:leading + 1] == [2.0 ** (24 - i) for i in range(leading + 1)]
     overflows = sum(e["overflow_steps"] for e in epochs)
-    assert leading <= overflows <= leading + 4
+    assert leading <= overflows <= len(steps) // 4
     log = open(os.path.join(out, "log", "rank_0.log")).read()
     assert log.count("(overflow: step skipped)") == overflows
-    assert epochs[-1]["loss"] < 0.8 * epochs[0]["loss"]
+    # Below the untrained network's loss (chance: ln 3) by a margin over the last three epochs.
+    assert np.mean([e["loss"] for e in epochs[-3:]]) < 0.8 * np.log(NUM_CLASSES)
     assert 0.0 <= epochs[-1]["top1"] <= 1.0  # the float16 network evaluates too
     # The checkpoint: plain names, float32, finite; it loads strictly into a float32 model.
-    params = load_checkpoint(os.path.join(out, "checkpoints", "epoch_0006.ckpt"))
+    params = load_checkpoint(os.path.join(out, "checkpoints", "epoch_0012.ckpt"))
     weights = model_weights(params)
     net = create_model("coatnet_tiny", num_classes=NUM_CLASSES, image_size=32)
     assert set(weights) == {p.name for p in net.get_parameters()}
