@@ -70,14 +70,15 @@ def _rename(name: str) -> tuple[str, str]:
             for old, new in _TRANSFORMER.items():
                 if rest.startswith(old):
                     leaf = rest[len(old):]
+                    # LayerNorm tensors are gamma/beta: every 'weight' here is an nn.Dense kernel.
                     kind = "table" if leaf == "relative_position_bias_table" else \
-                        "dense" if leaf == "weight" and new != "norm2." else "same"
+                        "dense" if leaf == "weight" else "same"
                     return ours + new + leaf, kind
     for old, new in _HEAD.items():
         if name.startswith(old):
             return new + name[len(old):], "same"
     raise CheckpointError(f"tensor '{name}' of an original-layout checkpoint has no counterpart in "
-                              "the seed CoAtNet (a checkpoint of another network?)")
+                          "the seed CoAtNet (a checkpoint of another network?)")
 
 
 def _convert_model(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -99,7 +100,7 @@ def _convert_model(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if set(parts) != {"q", "k", "v"}:
             missing = sorted({"q", "k", "v"} - set(parts))
             raise CheckpointError(f"original-layout checkpoint: '{ours}' lacks attn.{missing[0]} "
-                                      "(a truncated checkpoint?)")
+                                  "(a truncated checkpoint?)")
         dim = parts["q"].shape[0]
         heads = dim // _DIM_HEAD
         rest = parts["q"].shape[1:]

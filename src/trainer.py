@@ -177,6 +177,7 @@ def train(config, run: RunContext, init_weights: Callable[[CoAtNet, object], Non
     # best.ckpt by the raw weights' top-1 (the original's Monitor), or by the EMA weights' when asked.
     best_key = "ema_top1" if config.keep_best_by == "ema_top1" and ema is not None else "top1"
     profiler = _profiler(config)
+    train_classes = class_names(config.data_path)  # recorded with every checkpoint (infer.py's labels)
     record: dict = {}
     for epoch in range(start_epoch, config.num_epochs):
         ds = first_ds if epoch == 0 else dataset_from_config(_epoch_config(config, epoch), "train",
@@ -226,7 +227,7 @@ def train(config, run: RunContext, init_weights: Callable[[CoAtNet, object], Non
                     "has_ema": ema is not None, "image_mean": config.image_mean, "image_std": config.image_std,
                     "crop_pct": config.crop_pct, "interpolation": config.interpolation,
                     "center_crop": config.center_crop, "eval_resize": config.eval_resize,
-                    "class_names": class_names(config.data_path)}
+                    "class_names": train_classes}
             path = ckpt.save(epoch + 1, state.to_params(epoch + 1), meta, record.get(best_key))
             if path:
                 logger.info(f"saved {path}")
