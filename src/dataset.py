@@ -37,7 +37,8 @@ file of the same class folder (same label; in val too), the file is logged once 
 Dropping the row instead would (1) make `get_dataset_size()` run the whole pipeline, because MindSpore counts
 a filtered dataset by iterating it (minutes to hours on ImageNet, at every call), and (2) give data-parallel
 ranks different batch counts, leaving one rank waiting in an all-reduce forever. With `strict_data=True` the
-first corrupt file stops the run with a one-line error naming it.
+first corrupt file stops the run with a one-line error naming it (a `DataError`, which MindSpore hands on
+inside a RuntimeError of its own; `pipeline_error` finds it there for the entry points).
 
 Determinism: `create_dataset` sets `mindspore.dataset.config.set_seed(seed)`, which seeds the shuffle, the
 shard split and the C++ random ops (crop, flip); RandAugment (its per-image magnitude, ops, signs and cutout
@@ -129,8 +130,11 @@ def class_names(data_path: str, split: str = "train") -> list[str]:
     return names
 
 
-def _class_indexing(data_path: str, split: str, num_classes: int) -> dict[str, int]:
-    """Folder name -> label, from the train classes so val labels agree with the ones the model learned."""
+def _class_indexing(data_path: str, split: str, num_classes: int, allow_extra_classes: bool = False
+                    ) -> dict[str, int]:
+    """Folder name -> label, from the train classes so val labels agree with the ones the model learned.
+    ``num_classes`` must be the number of class folders; more only with ``allow_extra_classes`` (outputs that no
+    image trains, which top-5 would still count)."""
     names = class_names(data_path, split)
     source_dir = os.path.join(data_path, split)
     train_dir = os.path.join(data_path, "train")
@@ -142,6 +146,10 @@ def _class_indexing(data_path: str, split: str, num_classes: int) -> dict[str, i
         names, source_dir = train_names, train_dir
     if num_classes < len(names):
         raise ValueError(f"num_classes={num_classes} is smaller than the {len(names)} classes found in {source_dir}.")
+    if num_classes > len(names) and not allow_extra_classes:
+        raise ValueError(f"num_classes={num_classes} is larger than the {len(names)} class folders of {source_dir} "
+                         f"(top-5 would count classes without images); set num_classes={len(names)}, or "
+                         "allow_extra_classes=True to keep the extra outputs.")
     return {name: index for index, name in enumerate(names)}
 
 
@@ -329,6 +337,28 @@ def native_image_bytes(data: bytes) -> np.ndarray:
     return _as_bmp(decode_with_pil(data))
 
 
+class DataError(ValueError):
+    """A dataset problem met inside the pipeline: a corrupt file with strict_data, a class without a readable
+    image. Raised in a map op, where MindSpore wraps it in a RuntimeError of ~60 lines (its Python and C++
+    call stacks); `pipeline_error` finds it again, so the entry points print this one line instead."""
+
+
+_pipeline_errors: list[DataError] = []
+
+
+def _data_error(message: str) -> DataError:
+    error = DataError(message)
+    _pipeline_errors.append(error)
+    return error
+
+
+def pipeline_error(exc: BaseException) -> DataError | None:
+    """The DataError that MindSpore's RuntimeError `exc` (from a dataset iterator) reports, or None when `exc`
+    is about something else."""
+    text = str(exc)
+    return next((error for error in list(_pipeline_errors) if str(error) in text), None)
+
+
 _skipped_lock = threading.Lock()
 _skipped: list[str] = []
 _warned: set[str] = set()
@@ -402,9 +432,8 @@ class _SafeImageBytes:
             index = self._locate(data, files)
             path = files[index] if index >= 0 else os.path.join(self.split_dir, self.class_by_label[label], "?")
             if self.strict:
-                message = f"corrupt image file {path}: {reason} (strict_data=True stops on unreadable images)."
-                logger.error(message)
-                raise ValueError(message)
+                raise _data_error(f"corrupt image file {path}: {reason} (strict_data=True stops on unreadable "
+                                  "images).")
             if path not in self._substitutes:
                 self._substitutes[path] = self._readable_neighbour(files, index, path)
             if _record_skip(path):
@@ -424,7 +453,7 @@ class _SafeImageBytes:
                 return _as_bmp(decode_with_pil(data)), candidate
             except Exception:  # another damaged file: keep looking
                 continue
-        raise ValueError(f"every image in {os.path.dirname(path)} is unreadable; cannot train on this class.")
+        raise _data_error(f"every image in {os.path.dirname(path)} is unreadable; cannot train on this class.")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -597,6 +626,7 @@ def create_dataset(
     interpolation: str = "bicubic",
     eval_resize: str = "aspect",
     strict_data: bool = False,
+    allow_extra_classes: bool = False,
     shuffle: bool | None = None,
     seed: int = 0,
     drop_remainder: bool | None = None,
@@ -608,12 +638,14 @@ def create_dataset(
     drop_remainder default to True for train, False for val. num_shards / shard_id split the files between
     data-parallel ranks (disjoint when the file count divides evenly; otherwise MindSpore repeats a file
     to give every shard the same count). eval_resize ("squash" or "aspect", see `eval_resize_size`) applies to
-    val with center_crop; `dataset_from_config` resolves the config's "auto" from the model name.
+    val with center_crop; `dataset_from_config` resolves the config's "auto" from the model name. num_classes
+    must equal the number of class folders of data_path/train (of the split without one), or be larger with
+    allow_extra_classes.
     """
     _check_arguments(split, batch_size, image_size, num_shards, shard_id, mixup_alpha, label_smoothing,
                      image_mean, image_std, crop_pct, interpolation, eval_resize)
     train = split == "train"
-    class_indexing = _class_indexing(data_path, split, num_classes)
+    class_indexing = _class_indexing(data_path, split, num_classes, allow_extra_classes)
     workers = clamp_workers(num_parallel_workers)
     shuffle = train if shuffle is None else shuffle
     drop_remainder = train if drop_remainder is None else drop_remainder
@@ -703,5 +735,6 @@ def dataset_from_config(config, split: str, num_shards: int = 1, shard_id: int =
         interpolation=config.interpolation,
         eval_resize=resolve_eval_resize(config.eval_resize, config.model_name),
         strict_data=config.strict_data,
+        allow_extra_classes=config.allow_extra_classes,
         seed=config.seed,
     )

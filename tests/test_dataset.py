@@ -62,7 +62,7 @@ def train(tree: str, **kwargs):
 
 
 def test_train_batches_have_configured_shapes_and_soft_targets(tree):
-    dataset = train(tree, image_size=(32, 40), num_classes=5)
+    dataset = train(tree, image_size=(32, 40), num_classes=5, allow_extra_classes=True)
     assert dataset.get_dataset_size() == NUM_CLASSES * PER_CLASS // 4  # drop_remainder for train
     out = batches(dataset)
     assert len(out) == 4
@@ -343,11 +343,13 @@ def _copy_tree(tree: str, tmp_path) -> str:
         (lambda root: [shutil.rmtree(os.path.join(root, "train", c)) for c in ("class_01", "class_02")], "train", 3,
          r"copy/train has 1 class folder\(s\); a classification dataset needs at least 2"),
         (lambda root: None, "train", 2, r"num_classes=2 is smaller than the 3 classes found in .*copy/train"),
+        (lambda root: None, "val", 1000, r"num_classes=1000 is larger than the 3 class folders of .*copy/train "
+         r"\(top-5 would count classes without images\); set num_classes=3, or allow_extra_classes=True"),
         (lambda root: os.makedirs(os.path.join(root, "val", "class_99")), "val", 3,
          r"val has class folder 'class_99' that .*copy/train does not have"),
     ],
     ids=["no-train", "no-val", "no-data-path", "empty-class", "one-class", "num-classes-too-small",
-         "unknown-val-class"],
+         "num-classes-too-large", "unknown-val-class"],
 )
 def test_bad_dataset_fails_before_training_with_one_clear_message(tree, tmp_path, damage, split, num_classes, message):
     root = _copy_tree(tree, tmp_path)
@@ -377,7 +379,7 @@ def test_dataset_from_config_maps_the_config_keys(tree):
         batch_size=5, eval_batch_size=0, rand_augment_num_layers=2, rand_augment_magnitude=15,
         rand_augment_magnitude_std=0.5, mixup_alpha=0.8, label_smoothing=0.1, image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5], crop_pct=0.95, interpolation="bilinear", eval_resize="auto",
-        model_name="coatnet_tiny", strict_data=False, seed=1,
+        model_name="coatnet_tiny", strict_data=False, allow_extra_classes=True, seed=1,
     )
     with pytest.warns(UserWarning, match="num_parallel_workers=64"):
         (image, label), *_ = batches(dataset_from_config(config, "train"))

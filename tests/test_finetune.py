@@ -82,7 +82,8 @@ def test_before_any_step_the_64_model_sees_what_the_32_model_saw(pretrained):
 def test_a_new_class_count_reinitialises_the_head(pretrained, tmp_path):
     data, ckpt = pretrained
     res = run("finetune.py", f"--pretrained={ckpt}", f"--data_path={data}", f"--output_path={tmp_path}", *TINY,
-              *AT64, "--num_classes=4", "--num_epochs=1", "--batch_size=4", "--eval_interval=0")
+              *AT64, "--num_classes=4", "--allow_extra_classes=True", "--num_epochs=1", "--batch_size=4",
+              "--eval_interval=0")
     assert "re-initialising the classifier head" in res.stderr and "has 3 classes, the model has 4" in res.stderr
 
 
