@@ -90,8 +90,26 @@ def set_seed(seed: int) -> None:
     ms.set_seed(seed)
 
 
+class _LogFile(logging.FileHandler):
+    """The run's log file. A write that fails (full disk) ends the run with one line naming the file, where
+    logging's default would print a traceback per message and carry on without a log."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        import sys
+
+        from src.fs_errors import OutputError, cause
+
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write log file {self.baseFilename}: {cause(exc)}", exc.errno) from None
+        super().handleError(record)
+
+
 def get_logger(output_path: str | None = None, rank_id: int = 0) -> logging.Logger:
-    """Console + per-rank log file (``output_path/log/rank_<id>.log``)."""
+    """Console + per-rank log file (``output_path/log/rank_<id>.log``). An output folder that cannot be
+    created or written is one OutputError naming it, before any work is done."""
+    from src.fs_errors import writing
+
     logger = logging.getLogger("coatnet")
     if logger.handlers:
         return logger
@@ -102,8 +120,11 @@ def get_logger(output_path: str | None = None, rank_id: int = 0) -> logging.Logg
     console.setFormatter(fmt)
     logger.addHandler(console)
     if output_path:
-        os.makedirs(os.path.join(output_path, "log"), exist_ok=True)
-        fh = logging.FileHandler(os.path.join(output_path, "log", f"rank_{rank_id}.log"))
+        with writing("write to output folder", output_path):
+            os.makedirs(os.path.join(output_path, "log"), exist_ok=True)
+        path = os.path.join(output_path, "log", f"rank_{rank_id}.log")
+        with writing("write log file", path):
+            fh = _LogFile(path)
         fh.setFormatter(fmt)
         logger.addHandler(fh)
     return logger
@@ -116,19 +137,33 @@ def canonical_names(net: nn.Cell) -> dict[int, str]:
 
 
 def cli_main(run, argv=None) -> int:
-    """Run an entry point; a bad config, checkpoint or dataset ends it with one line on stderr and
-    exit code 2 instead of a traceback."""
+    """Run an entry point; a bad config, checkpoint or dataset, a file or folder that cannot be written or read
+    (``src.fs_errors``) and a data error inside a MindSpore pipeline (``src.dataset.pipeline_error``) end it
+    with one line on stderr and exit code 2 instead of a traceback."""
     import sys
 
     from src.checkpoint import CheckpointError
+    from src.fs_errors import OutputError, describe
     from src.model_utils.config import ConfigError
 
     try:
         run(argv)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
-        return 2
-    return 0
+    except (ConfigError, CheckpointError, ValueError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except OSError as exc:
+        if not (isinstance(exc, (OutputError, FileNotFoundError)) or exc.errno is not None):
+            raise  # not a file system call (e.g. a library that fails to load): its traceback is the report
+        message = describe(exc)
+    except RuntimeError as exc:
+        dataset = sys.modules.get("src.dataset")  # loaded if a pipeline ran
+        cause = dataset.pipeline_error(exc) if dataset is not None else None
+        if cause is None:
+            raise
+        message = str(cause)
+    else:
+        return 0
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 HEAD_KEYS = ("head.fc.weight", "head.fc.bias")
