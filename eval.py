@@ -10,6 +10,7 @@ import json
 import os
 
 import src  # noqa: F401  (sets the CPU ISA default before mindspore loads)
+from src.fs_errors import write_text_atomic, writing
 from src.model_utils.config import ConfigError, load_config
 from src.model_utils.moxing_adapter import fetch_checkpoint, moxing_wrapper
 from src.utils import cli_main, setup_context
@@ -20,6 +21,9 @@ def evaluate_checkpoint(config, run) -> dict:
     from src.metrics import evaluate
     from src.predict import PREPROCESS_KEYS, evaluate_model, is_export, open_model
 
+    if run.is_main:  # a folder that cannot take the result fails now, not after the evaluation
+        with writing("write to output folder", config.output_path):
+            os.makedirs(config.output_path, exist_ok=True)
     if is_export(config.checkpoint_path) and run.rank_size > 1:
         raise ConfigError(f"an exported model ({config.checkpoint_path}) is evaluated in one process; "
                           "start eval.py without msrun")
@@ -32,9 +36,8 @@ def evaluate_checkpoint(config, run) -> dict:
                   model_name=config.model_name, **{k: getattr(config, k) for k in PREPROCESS_KEYS})
     print(f"top1: {result['top1']:.4f} top5: {result['top5']:.4f}")
     if run.is_main:
-        os.makedirs(config.output_path, exist_ok=True)
-        with open(os.path.join(config.output_path, "eval_result.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        write_text_atomic(os.path.join(config.output_path, "eval_result.json"), "write eval result",
+                          lambda f: json.dump(result, f, indent=1))
     return result
 
 

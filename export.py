@@ -20,6 +20,7 @@ import tempfile
 import src  # noqa: F401  (sets the CPU ISA default before mindspore loads)
 from src.checkpoint import load_into, read_metadata
 from src.coatnet import ERF_STANDIN_OP, create_model, prepare_for_export, use_stock_ops
+from src.fs_errors import disk_failure, writing
 from src.model_utils.config import ConfigError, load_config
 from src.model_utils.moxing_adapter import fetch_checkpoint, moxing_wrapper
 from src.utils import cli_main, setup_context, weights_for
@@ -77,39 +78,56 @@ def export_network(net, inputs, file_name: str, file_format: str, metadata: dict
     MindSpore writes into a fresh hidden folder beside the target and the file is renamed into place
     on success: its ONNX writer also chmods the folder it writes into to 0700, which must not
     happen to the user's folder. The sidecar is renamed into place first, as checkpoints do, so an
-    exported file that exists has its metadata beside it."""
-    import mindspore as ms
-
+    exported file that exists has its metadata beside it. A file system that refuses the write (read-only, full)
+    is one OutputError naming the file."""
     path = output_path(file_name, file_format)
     if os.path.isdir(path):
         raise ValueError(f"--file_name: {path} is a folder; expected a file name")
     use_stock_ops(net)  # no Custom op (a library compiled for this machine) in an exported graph
     gelus = prepare_for_export(net, erf_standin=True) if file_format == "ONNX" else 0
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    with writing("write exported model", path):
+        os.makedirs(folder, exist_ok=True)
+        work = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
-        ms.export(net, *inputs, file_name=os.path.join(work, "model"), file_format=file_format)
-        written = os.path.join(work, "model" + EXTENSIONS[file_format])
-        if file_format == "ONNX":
-            renamed = rename_onnx_ops(written, ERF_STANDIN_OP, "Erf")
-            if renamed != gelus:  # the stand-in op occurs elsewhere in the graph: renaming it would be wrong
-                raise RuntimeError(f"ONNX export: expected {gelus} {ERF_STANDIN_OP} nodes standing in for Erf, "
-                                   f"found {renamed}")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(written, 0o666 & ~umask)  # MindSpore leaves it read-only (0400)
-        with open(written, "rb") as f:
-            os.fsync(f.fileno())
-        if metadata is not None:
-            sidecar = os.path.join(work, "model.json")
-            with open(sidecar, "w") as f:
-                json.dump(metadata, f, indent=1, sort_keys=True)
-            os.replace(sidecar, path + ".json")
-        os.replace(written, path)
+        with writing("write exported model", path):
+            _export_files(net, inputs, work, file_format, gelus, metadata, path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return path
+
+
+def _export_files(net, inputs, work: str, file_format: str, gelus: int, metadata: dict | None, path: str) -> None:
+    import mindspore as ms
+
+    try:
+        ms.export(net, *inputs, file_name=os.path.join(work, "model"), file_format=file_format)
+    except (RuntimeError, ValueError):
+        # MindSpore's own error (its C++ writers): an OSError when the disk explains it, checked while the
+        # partial file still fills the disk
+        code = disk_failure(work)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code)) from None
+    written = os.path.join(work, "model" + EXTENSIONS[file_format])
+    if file_format == "ONNX":
+        renamed = rename_onnx_ops(written, ERF_STANDIN_OP, "Erf")
+        if renamed != gelus:  # the stand-in op occurs elsewhere in the graph: renaming it would be wrong
+            raise RuntimeError(f"ONNX export: expected {gelus} {ERF_STANDIN_OP} nodes standing in for Erf, "
+                               f"found {renamed}")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(written, 0o666 & ~umask)  # MindSpore leaves it read-only (0400)
+    with open(written, "rb") as f:
+        os.fsync(f.fileno())
+    if metadata is not None:
+        sidecar = os.path.join(work, "model.json")
+        with open(sidecar, "w") as f:
+            json.dump(metadata, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(sidecar, path + ".json")
+    os.replace(written, path)
 
 
 def export_checkpoint(config) -> str:

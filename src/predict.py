@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from src.checkpoint import CheckpointError, read_metadata
+from src.fs_errors import write_text_atomic
 from src.model_utils.config import ConfigError
 
 __all__ = ["MODEL_KEYS", "PREPROCESS_KEYS", "Model", "Prediction", "apply_metadata", "open_model", "is_export",
@@ -396,10 +397,7 @@ def format_table(predictions: Sequence[Prediction], names: Sequence[str]) -> str
 def write_predictions(path: str, predictions: Sequence[Prediction], names: Sequence[str], skipped, info: dict) -> None:
     """``path``.json: info, every prediction and the skipped inputs; ``path``.csv: one row per image,
     file then index / name / probability of each rank. Written to a temporary file and renamed."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    def write(f) -> None:
         if path.lower().endswith(".json"):
             json.dump({**info, "predictions": [
                 {"file": p.file, "topk": [{"index": int(i), "name": names[int(i)], "probability": float(q)}
@@ -412,7 +410,8 @@ def write_predictions(path: str, predictions: Sequence[Prediction], names: Seque
             for p in predictions:
                 writer.writerow([p.file] + [v for i, q in zip(p.indices, p.probabilities, strict=True)
                                             for v in (int(i), names[int(i)], f"{float(q):.6f}")])
-    os.replace(tmp, path)
+
+    write_text_atomic(path, "write predictions", write)
 
 
 class Progress:
