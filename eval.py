@@ -1,7 +1,8 @@
 """Evaluate a checkpoint or an exported model: python eval.py --checkpoint_path=CKPT|X.mindir|X.onnx
 [--use_ema=True] [--key=value ...]
 
-Prints `top1: <x> top5: <y>` and writes output_path/eval_result.json. The model, input size and eval
+Prints `top1: <x> top5: <y>` and writes eval_result.json into result_path (default output_path; on
+ModelArts / OpenI the folder goes to result_url). The model, input size and eval
 preprocessing recorded beside the file (``<file>.json``: a training run's, the timm converter's or
 export.py's) are used unless the keys are given explicitly, so an export is checked on the same
 images the checkpoint was (`.onnx` needs onnxruntime). An exported model is evaluated in one process.
@@ -21,9 +22,10 @@ def evaluate_checkpoint(config, run) -> dict:
     from src.metrics import evaluate
     from src.predict import PREPROCESS_KEYS, evaluate_model, is_export, open_model
 
+    results = config.result_path or config.output_path
     if run.is_main:  # a folder that cannot take the result fails now, not after the evaluation
-        with writing("write to output folder", config.output_path):
-            os.makedirs(config.output_path, exist_ok=True)
+        with writing("write to output folder", results):
+            os.makedirs(results, exist_ok=True)
     if is_export(config.checkpoint_path) and run.rank_size > 1:
         raise ConfigError(f"an exported model ({config.checkpoint_path}) is evaluated in one process; "
                           "start eval.py without msrun")
@@ -36,7 +38,7 @@ def evaluate_checkpoint(config, run) -> dict:
                   model_name=config.model_name, **{k: getattr(config, k) for k in PREPROCESS_KEYS})
     print(f"top1: {result['top1']:.4f} top5: {result['top5']:.4f}")
     if run.is_main:
-        write_text_atomic(os.path.join(config.output_path, "eval_result.json"), "write eval result",
+        write_text_atomic(os.path.join(results, "eval_result.json"), "write eval result",
                           lambda f: json.dump(result, f, indent=1))
     return result
 

@@ -26,7 +26,7 @@ def main(argv=None) -> None:
         load_pretrained(net, config.pretrained, config.use_ema, logger)
 
     pre = (lambda: fetch_checkpoint(config, "pretrained")) if config.checkpoint_url else None
-    moxing_wrapper(config, pre_process=pre)(
+    moxing_wrapper(config, pre_process=pre, restore_outputs=True)(
         lambda: train(config, run, init_weights=init, upload=lambda: upload_outputs(config)))()
 
 

@@ -9,7 +9,7 @@ from src.utils import cli_main, setup_context
 def main(argv=None) -> None:
     config = load_config(argv)
     run = setup_context(config)
-    moxing_wrapper(config)(lambda: train(config, run, upload=lambda: upload_outputs(config)))()
+    moxing_wrapper(config, restore_outputs=True)(lambda: train(config, run, upload=lambda: upload_outputs(config)))()
 
 
 if __name__ == "__main__":

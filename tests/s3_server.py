@@ -3,14 +3,19 @@
     with S3Server() as server:
         client = server.client()            # ObsClient signing v4, path style, as the moto server needs
         os.environ.update(server.env())     # what obs_sync reads
+    with WatchProxy(server.port, watch) as proxy:   # proxy.endpoint: every request line seen, any refused
+        ...
 
 moto's server mishandles the SDK's default 'obs' and 'v2' signatures on a few requests in a thousand
 (HTTP 500), so the tests sign with v4 and put the bucket in the path.
 """
 import logging
+import re
 import socket
 import threading
+import urllib.parse
 import urllib.request
+from collections.abc import Callable
 
 from moto.server import ThreadedMotoServer
 from obs import ObsClient
@@ -98,28 +103,24 @@ class S3Server:
             client.close()
 
 
-class CutProxy:
-    """TCP relay on 127.0.0.1 in front of a server that, once `cut_after` bytes of answers went through,
-    drops every connection mid-stream and stops listening: a server that dies in the middle of a body.
+class _Relay:
+    """TCP relay on 127.0.0.1 in front of a server; subclasses look at the bytes going each way."""
 
-    (Stopping moto itself cannot do this: its request threads finish the answer they are sending.)"""
-
-    def __init__(self, upstream_port: int, cut_after: int) -> None:
+    def __init__(self, upstream_port: int) -> None:
         self._upstream_port = upstream_port
-        self._budget = cut_after
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.05)  # lets the accept loop notice the cut
+        self._listener.settimeout(0.05)  # lets the accept loop notice `closed`
         self.port = self._listener.getsockname()[1]
-        self.cut = threading.Event()
+        self.closed = threading.Event()
         self._thread = threading.Thread(target=self._accept_loop, daemon=True)
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "CutProxy":
+    def __enter__(self):
         self._thread.start()
         return self
 
@@ -128,19 +129,15 @@ class CutProxy:
         self._thread.join()
 
     def close(self) -> None:
-        self.cut.set()
+        self.closed.set()
         with self._lock:
             sockets, self._sockets = self._sockets, []
         self._listener.close()
         for sock in sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+            _drop(sock)
 
     def _accept_loop(self) -> None:
-        while not self.cut.is_set():
+        while not self.closed.is_set():
             try:
                 client, _ = self._listener.accept()
             except TimeoutError:
@@ -154,17 +151,81 @@ class CutProxy:
             threading.Thread(target=self._relay, args=(upstream, client, True), daemon=True).start()
 
     def _relay(self, source: socket.socket, target: socket.socket, is_answer: bool) -> None:
+        carry = b""
         try:
             while data := source.recv(65536):
                 if is_answer:
-                    with self._lock:
-                        data = data[:self._budget]
-                        self._budget -= len(data)
+                    data, last = self._answer(data)
                     target.sendall(data)
-                    if self._budget <= 0:
+                    if last:
                         self.close()
                         return
-                else:
-                    target.sendall(data)
+                    continue
+                if not self._request(carry, data):
+                    _drop(source)
+                    _drop(target)
+                    return
+                carry = (carry + data)[-_CARRY:]
+                target.sendall(data)
         except OSError:
             pass
+
+    def _answer(self, data: bytes) -> tuple[bytes, bool]:
+        """The bytes to pass on of the next bytes of an answer, and whether to close every connection then."""
+        return data, False
+
+    def _request(self, carry: bytes, data: bytes) -> bool:
+        """Whether to pass on `data` (the next bytes of a connection's requests; `carry`: the ones before)."""
+        return True
+
+
+_CARRY = 1024  # a request line split between two reads is still seen whole
+_REQUEST_LINE = re.compile(rb"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1\.[01]\r\n")
+
+
+def _drop(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+class CutProxy(_Relay):
+    """Relay that, once `cut_after` bytes of answers went through, drops every connection mid-stream and
+    stops listening: a server that dies in the middle of a body.
+
+    (Stopping moto itself cannot do this: its request threads finish the answer they are sending.)"""
+
+    def __init__(self, upstream_port: int, cut_after: int) -> None:
+        super().__init__(upstream_port)
+        self._budget = cut_after
+        self.cut = self.closed
+
+    def _answer(self, data: bytes) -> tuple[bytes, bool]:
+        with self._lock:
+            data = data[:self._budget]
+            self._budget -= len(data)
+            return data, self._budget <= 0
+
+
+class WatchProxy(_Relay):
+    """Relay that records every request line ("GET /bucket/key") in `requests` and shows it to `watch`;
+    when `watch` returns False the request is not passed on and its connection is dropped: a client
+    killed, or a network cut, at a request of the test's choosing."""
+
+    def __init__(self, upstream_port: int, watch: Callable[[str], bool] | None = None) -> None:
+        super().__init__(upstream_port)
+        self.watch = watch
+        self.requests: list[str] = []
+
+    def _request(self, carry: bytes, data: bytes) -> bool:
+        for match in _REQUEST_LINE.finditer(carry + data):
+            if match.end() <= len(carry):
+                continue  # seen with the previous read
+            line = f"{match.group(1).decode()} {urllib.parse.unquote(match.group(2).decode())}"
+            with self._lock:
+                self.requests.append(line)
+            if self.watch is not None and not self.watch(line):
+                return False
+        return True

@@ -59,9 +59,10 @@ def new_bucket() -> str:
 
 def make_config(tmp_path, **overrides) -> types.SimpleNamespace:
     values = dict(
-        enable_modelarts=True, data_url="", train_url="", checkpoint_url="", obs_endpoint="",
-        obs_sync_interval_epochs=1, data_path=str(tmp_path / "data" / "imagenet"),
-        output_path=str(tmp_path / "output"), pretrained="", checkpoint_path="",
+        enable_modelarts=True, data_url="", multi_data_url="", train_url="", checkpoint_url="", result_url="",
+        result_path="", obs_endpoint="", obs_sync_interval_epochs=1, data_path=str(tmp_path / "data" / "imagenet"),
+        output_path=str(tmp_path / "output"), pretrained="", checkpoint_path="", resume="",
+        need_modelarts_dataset_unzip=False, modelarts_dataset_unzip_name="imagenet", save_checkpoint_path="",
     )
     values.update(overrides)
     return types.SimpleNamespace(**values)
@@ -232,7 +233,7 @@ def test_unreachable_server_is_retried_then_reported_once_without_keys(monkeypat
         sync_dataset(config)
 
     message = str(raised.value)
-    assert f"obs://{bucket}/imagenet/" in message and endpoint in message
+    assert f"obs://{bucket}/imagenet" in message and endpoint in message
     assert "after 4 tries" in message and "ConnectionRefusedError" in message
     retries = [r for r in caplog.records if r.levelno == logging.WARNING and "retry" in r.getMessage()]
     assert len(retries) == 3

@@ -73,11 +73,6 @@ NO_EFFECT = {
     "is_training_export": "export.py exports the inference network",
     "batch_size_postprocess": "no postprocess.py (Ascend 310 inference) here",
     "label_path": "no postprocess.py (Ascend 310 inference) here",
-    "multi_data_url": "not implemented yet: OpenI multi-dataset download",
-    "result_url": "not implemented yet",
-    "result_path": "not implemented yet",
-    "need_modelarts_dataset_unzip": "not implemented yet: zipped datasets",
-    "modelarts_dataset_unzip_name": "not implemented yet: zipped datasets",
 }
 
 

@@ -211,9 +211,10 @@ class ObsTransfer:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _request(self, action: str, bucket: str, key: str, send: Callable[[], Any]) -> Any:
+    def _request(self, action: str, bucket: str, key: str, send: Callable[[], Any], absent_ok: bool = False) -> Any:
         """Send `send()` until it succeeds, retrying connection errors, answers without a status, 5xx,
-        408 and 429; anything else, or the last failure, becomes one ObsError naming the object."""
+        408 and 429; anything else, or the last failure, becomes one ObsError naming the object. With
+        `absent_ok`, a 404 answer returns None."""
         scrub = self._credentials.scrub
         what = f"OBS {action} of obs://{bucket}/{key} at {self.settings.endpoint}"
         last_error = ""
@@ -239,6 +240,8 @@ class ObsTransfer:
                 continue
             if status < 300:
                 return response
+            if status == 404 and absent_ok:
+                return None
             reason = response.errorCode or response.reason or ""
             last_error = f"HTTP {status} {reason}: {response.errorMessage or ''}".strip(" :")
             if status < 500 and status not in _RETRY_STATUSES:
@@ -264,6 +267,21 @@ class ObsTransfer:
             if item.key == key:
                 return item
         raise ObsError(f"OBS object obs://{bucket}/{key} at {self.settings.endpoint} does not exist")
+
+    def object_size(self, bucket: str, key: str) -> int | None:
+        """Size of the object `key`, or None when there is none (e.g. `key` is a folder prefix). One HEAD
+        request: listing a prefix to find one key could mean thousands of requests under a dataset."""
+        if not key or key.endswith("/"):
+            return None
+        response = self._request("lookup", bucket, key, lambda: self._client.getObjectMetadata(bucket, key),
+                                 absent_ok=True)
+        return None if response is None else int(response.body.contentLength or 0)
+
+    def read_object(self, bucket: str, key: str) -> bytes:
+        """The bytes of a small object (a checkpoint's metadata sidecar), read into memory."""
+        response = self._request("download", bucket, key,
+                                 lambda: self._client.getObject(bucket, key, loadStreamInMemory=True))
+        return response.body.buffer or b""
 
     def download_object(self, bucket: str, key: str, size: int, local_path: str) -> None:
         """Download to a temporary name beside `local_path` and rename it once all `size` bytes arrived,
@@ -306,6 +324,13 @@ class ObsTransfer:
         planned = [(item, local_path_for_key(item.key, prefix, local_dir)) for item in objects]
         logger.info("OBS: downloading %d objects (%.1f MB) from %s to %s", len(planned),
                     sum(item.size for item in objects) / 1e6, url, local_dir)
+        self.download_objects(bucket, planned, on_downloaded)
+        return [path for _, path in planned]
+
+    def download_objects(self, bucket: str, planned: list[tuple[ObjectInfo, str]],
+                         on_downloaded: Callable[[str], None] | None = None) -> None:
+        """Download each (object, local path) of `planned` on a few threads; `on_downloaded(path)` after
+        each file got its final name."""
 
         def download(job: tuple[ObjectInfo, str]) -> None:
             item, path = job
@@ -313,8 +338,7 @@ class ObsTransfer:
             if on_downloaded is not None:
                 on_downloaded(path)
 
-        self._run_parallel(download, planned)
-        return [path for _, path in planned]
+        self.run_parallel(download, planned)
 
     def upload_file(self, local_path: str, bucket: str, key: str) -> None:
         self._request("upload", bucket, key, lambda: self._client.putFile(bucket, key, local_path))
@@ -341,12 +365,12 @@ class ObsTransfer:
             if uploaded is not None:
                 uploaded[path] = signature
 
-        self._run_parallel(upload, jobs)
+        self.run_parallel(upload, jobs)
         if jobs:
             logger.info("OBS: uploaded %d files from %s to %s", len(jobs), local_dir, url)
         return [key for _, key, _ in jobs]
 
-    def _run_parallel(self, work: Callable[[Any], None], jobs: list[Any]) -> None:
+    def run_parallel(self, work: Callable[[Any], None], jobs: list[Any]) -> None:
         """Run `work` over `jobs` on a few threads; the first failure stops the others from taking new jobs
         and is raised once the running ones are done."""
         if self.settings.workers == 1 or len(jobs) <= 1:
