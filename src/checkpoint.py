@@ -29,6 +29,7 @@ __all__ = [
     "load_into",
     "model_weights",
     "remove_stale_temporaries",
+    "copy_checkpoint",
     "weights_fingerprint",
     "EMA_PREFIX",
     "TRAIN_STATE_PREFIXES",
@@ -93,6 +94,24 @@ def _fault_injection_pause(path: str) -> None:
 
         print(f"fault-injection: pausing before renaming {path}", file=sys.stderr, flush=True)
         time.sleep(float(pause))
+
+
+def copy_checkpoint(source: str, path: str) -> None:
+    """Copy checkpoint ``source`` and its sidecar to ``path``: both go to temporaries first, then the checkpoint
+    is renamed into place and the sidecar last (a kill in between leaves the old sidecar beside the new
+    checkpoint, which ``CheckpointManager.repair_best`` sees by its epoch)."""
+    import shutil
+
+    written = []
+    try:
+        for src, dst in ((source, path), (source + ".json", path + ".json")):
+            if os.path.isfile(src):
+                written.append((_write_temporary(dst, lambda tmp, src=src: shutil.copyfile(src, tmp)), dst))
+    except BaseException:
+        for tmp, _ in written:
+            _remove(tmp)
+        raise
+    _rename_all(written, path)
 
 
 def remove_stale_temporaries(folder: str) -> int:

@@ -323,17 +323,25 @@ class DepthwiseConv2d(nn.Conv2d):
 
 
 class DropPath(nn.Cell):
-    """Stochastic depth (Huang et al. 2016): drop the residual branch per sample while training."""
+    """Stochastic depth (Huang et al. 2016): drop the residual branch per sample while training.
 
-    def __init__(self, drop_prob: float):
+    ``noise`` is the network's ``drop_path_noise`` [num_drop_paths, B] of uniform [0, 1) numbers, row
+    ``index`` this cell's: given by the caller, the masks are a pure function of what it passes (the
+    trainer draws them from (seed, rank, step), so a resumed run replays them; MindSpore 2.10's random
+    ops keep their state inside the kernel, where no checkpoint reaches, and its generator-driven ones
+    have no CPU kernel). Without it the cell draws its own with ``ops.rand``."""
+
+    def __init__(self, drop_prob: float, index: int = 0):
         super().__init__()
         self.keep_prob = 1.0 - drop_prob
+        self.index = index
 
-    def construct(self, x):
+    def construct(self, x, noise=None):
         if not self.training or self.keep_prob >= 1.0:
             return x
-        mask = ops.floor(self.keep_prob + ops.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype))
-        return x / self.keep_prob * mask
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        u = ops.rand(shape, dtype=x.dtype) if noise is None else noise[self.index].reshape(shape).astype(x.dtype)
+        return x / self.keep_prob * ops.floor(self.keep_prob + u)
 
 
 def _pool2x2(kind: str) -> nn.Cell:
@@ -428,7 +436,8 @@ class SqueezeExcite(nn.Cell):
 class MBConvBlock(nn.Cell):
     """Pre-norm inverted bottleneck: BN - 1x1 expand - 3x3 depthwise - SE - 1x1 project (Sec. 2.1)."""
 
-    def __init__(self, in_chs: int, out_chs: int, stride: int, cfg: ConvCfg, drop_path: float):
+    def __init__(self, in_chs: int, out_chs: int, stride: int, cfg: ConvCfg, drop_path: float,
+                 drop_path_index: int = 0):
         super().__init__()
         if cfg.stride_mode not in ("dw", "pool", "expand"):
             raise ValueError(f"unknown stride_mode '{cfg.stride_mode}'")
@@ -454,9 +463,9 @@ class MBConvBlock(nn.Cell):
         self.norm2 = BatchNormAct2d(mid_chs, cfg.act, **norm)
         self.se = None if cfg.se_early else se
         self.conv3_1x1 = _conv(mid_chs, out_chs, 1, bias=cfg.output_bias)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else None
+        self.drop_path = DropPath(drop_path, drop_path_index) if drop_path > 0 else None
 
-    def construct(self, x):
+    def construct(self, x, drop_path_noise=None):
         shortcut = x if self.shortcut is None else self.shortcut(x)
         x = self.pre_norm(x)
         if self.down is not None:
@@ -470,7 +479,7 @@ class MBConvBlock(nn.Cell):
             x = self.se(x)
         x = self.conv3_1x1(x)
         if self.drop_path is not None:
-            x = self.drop_path(x)
+            x = self.drop_path(x, drop_path_noise)
         return x + shortcut
 
 
@@ -590,7 +599,7 @@ class TransformerBlock2d(nn.Cell):
     """Pre-norm relative-attention block + MLP, NCHW layout (no token reshapes between blocks)."""
 
     def __init__(self, dim: int, dim_out: int, stride: int, window: tuple[int, int], cfg: TransformerCfg,
-                 drop_path: float):
+                 drop_path: float, drop_path_index: int = 0):
         super().__init__()
         if stride == 2:
             self.shortcut = Downsample2d(dim, dim_out, bias=cfg.shortcut_bias, pool=cfg.pool_type,
@@ -603,25 +612,25 @@ class TransformerBlock2d(nn.Cell):
             self.norm1 = _norm2d(cfg.norm, dim, cfg.norm_eps)
         self.attn = Attention2d(dim, dim_out, window, cfg)
         self.ls1 = LayerScale2d(dim_out, cfg.init_values) if cfg.init_values else None
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else None
+        self.drop_path1 = DropPath(drop_path, drop_path_index) if drop_path > 0 else None
         self.norm2 = _norm2d(cfg.norm, dim_out, cfg.norm_eps)
         self.mlp = ConvMlp(dim_out, int(dim_out * cfg.expand_ratio), cfg.act)
         self.ls2 = LayerScale2d(dim_out, cfg.init_values) if cfg.init_values else None
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else None
+        self.drop_path2 = DropPath(drop_path, drop_path_index + 1) if drop_path > 0 else None
 
-    def construct(self, x):
+    def construct(self, x, drop_path_noise=None):
         shortcut = x if self.shortcut is None else self.shortcut(x)
         y = self.attn(self.norm1(x))
         if self.ls1 is not None:
             y = self.ls1(y)
         if self.drop_path1 is not None:
-            y = self.drop_path1(y)
+            y = self.drop_path1(y, drop_path_noise)
         x = shortcut + y
         y = self.mlp(self.norm2(x))
         if self.ls2 is not None:
             y = self.ls2(y)
         if self.drop_path2 is not None:
-            y = self.drop_path2(y)
+            y = self.drop_path2(y, drop_path_noise)
         return x + y
 
 
@@ -646,10 +655,12 @@ class Stem(nn.Cell):
 class Stage(nn.Cell):
     def __init__(self, blocks: list[nn.Cell]):
         super().__init__()
-        self.blocks = nn.SequentialCell(blocks)
+        self.blocks = nn.CellList(blocks)
 
-    def construct(self, x):
-        return self.blocks(x)
+    def construct(self, x, drop_path_noise=None):
+        for block in self.blocks:
+            x = block(x, drop_path_noise)
+        return x
 
 
 class NormMlpHead(nn.Cell):
@@ -721,6 +732,7 @@ class CoAtNet(nn.Cell):
         total = sum(cfg.depths)
         rates = np.linspace(0.0, drop_path_rate, total).tolist() if total > 1 else [drop_path_rate]
         stages, in_chs, feat, start = [], cfg.stem_width[1], (image_size[0] // 2, image_size[1] // 2), 0
+        drop_paths = 0  # DropPath cells so far: each owns one row of drop_path_noise
         stage_cfgs = zip(cfg.depths, cfg.embed_dim, cfg.block_types, strict=True)
         for i, (depth, out_chs, kind) in enumerate(stage_cfgs):
             feat = ((feat[0] - 1) // 2 + 1, (feat[1] - 1) // 2 + 1)
@@ -729,15 +741,19 @@ class CoAtNet(nn.Cell):
                 stride = 2 if j == 0 else 1
                 dp = rates[start + j]
                 if kind == "C":
-                    blocks.append(MBConvBlock(in_chs, out_chs, stride, cfg.conv, dp))
+                    blocks.append(MBConvBlock(in_chs, out_chs, stride, cfg.conv, dp, drop_paths))
+                    drop_paths += 1 if dp > 0 else 0
                 elif kind == "T":
-                    blocks.append(TransformerBlock2d(in_chs, out_chs, stride, feat, cfg.transformer, dp))
+                    blocks.append(TransformerBlock2d(in_chs, out_chs, stride, feat, cfg.transformer, dp, drop_paths))
+                    drop_paths += 2 if dp > 0 else 0
                 else:
                     raise ValueError(f"stage {i}: unknown block type '{kind}'")
                 in_chs = out_chs
             start += depth
             stages.append(Stage(blocks))
         self.stages = nn.CellList(stages)
+        #: rows of the ``drop_path_noise`` a training forward takes (0: no stochastic depth)
+        self.num_drop_paths = drop_paths
         self.num_features = in_chs
         t = cfg.transformer
         if cfg.head_hidden_size:
@@ -758,16 +774,17 @@ class CoAtNet(nn.Cell):
             for _, cell in part.cells_and_names():
                 _init_cell(cell, self.cfg.init, transformer)
 
-    def forward_features(self, x):
+    def forward_features(self, x, drop_path_noise=None):
         x = self.stem(x)
         for stage in self.stages:
-            x = stage(x)
+            x = stage(x, drop_path_noise)
         if self.norm is not None:
             x = self.norm(x)
         return x
 
-    def construct(self, x):
-        return self.head(self.forward_features(x))
+    def construct(self, x, drop_path_noise=None):
+        """Logits of ``x``; ``drop_path_noise`` [num_drop_paths, B] (training only, see ``DropPath``)."""
+        return self.head(self.forward_features(x, drop_path_noise))
 
 
 def _init_cell(cell: nn.Cell, scheme: str, transformer: bool) -> None:

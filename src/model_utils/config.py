@@ -268,6 +268,9 @@ def _validate(c: Config) -> None:
     if c.lr_warmup_epochs < 0 or c.lr_warmup_epochs > c.num_epochs:
         raise ConfigError(f"config key 'lr_warmup_epochs': value {c.lr_warmup_epochs} must be within "
                           f"[0, num_epochs={c.num_epochs}]")
+    for key in ("save_checkpoint_steps", "graceful_exit_seconds"):
+        if getattr(c, key) < 0:
+            raise ConfigError(f"config key '{key}': value {getattr(c, key)!r} must be >= 0")
     if c.mixup_alpha < 0:
         raise ConfigError(f"config key 'mixup_alpha': value {c.mixup_alpha} must be >= 0")
     if c.rand_augment_magnitude_std < 0:
