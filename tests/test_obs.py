@@ -1,43 +1,55 @@
 """OBS sync against a real S3-compatible server (moto on 127.0.0.1): downloads, uploads, failures, ranks."""
+import glob
+import io
 import json
 import logging
 import os
 import random
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import types
 import uuid
+import zipfile
 
+import numpy as np
 import pytest
 
+from src.checkpoint import load_checkpoint
 from src.model_utils import device_adapter, local_adapter, moxing_adapter
+from src.model_utils.archive import ArchiveError, extraction_marker
 from src.model_utils.moxing_adapter import (
     completion_marker,
     fetch_checkpoint,
     moxing_wrapper,
+    restore_from_train_url,
     sync_dataset,
     upload_outputs,
 )
 from src.model_utils.obs_sync import ObsCredentials, ObsError, ObsSettings, ObsTransfer, parse_obs_url
-from tests.s3_server import ACCESS_KEY, SECRET_KEY, CutProxy, S3Server
+from tests.runs import TINY, make_color_tree, run
+from tests.s3_server import ACCESS_KEY, SECRET_KEY, CutProxy, S3Server, WatchProxy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _ENV_NAMES = (
     "RANK_ID", "RANK_SIZE", "DEVICE_ID", "MS_NODE_ID", "MS_WORKER_NUM", "MS_ROLE", "RANK_TABLE_FILE",
-    "JOB_ID", "ACCESS_KEY_ID", "SECRET_ACCESS_KEY", "SECURITY_TOKEN",
+    "JOB_ID", "ACCESS_KEY_ID", "SECRET_ACCESS_KEY", "SECURITY_TOKEN", "GLOG_log_dir",
 )
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    """Nothing from the machine's environment (ranks, keys, endpoints) leaks into a test."""
+def clean_env(monkeypatch, tmp_path):
+    """Nothing from the machine's environment (ranks, keys, endpoints, its /tmp/log) leaks into a test."""
     for name in list(os.environ):
         if name in _ENV_NAMES or name.startswith("OBS_"):
             monkeypatch.delenv(name)
     monkeypatch.setattr(moxing_adapter, "_UPLOADED", {})
+    monkeypatch.setattr(moxing_adapter, "PLATFORM_LOG_DIR", str(tmp_path / "no-platform-log"))
 
 
 @pytest.fixture(scope="module")
@@ -406,6 +418,261 @@ def test_msrun_scheduler_process_runs_without_touching_obs(monkeypatch, tmp_path
     assert not os.path.exists(tmp_path / "data") and not os.path.exists(tmp_path / "output")
 
 
+# --- OpenI datasets and archives ---------------------------------------------------------------------------
+
+def image_tree(seed: int = 0) -> dict[str, bytes]:
+    rng = random.Random(seed)
+    return {f"{split}/n0{c}/{i}.JPEG": rng.randbytes(rng.randint(100, 3000))
+            for split in ("train", "val") for c in range(2) for i in range(2)}
+
+
+def zip_bytes(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buffer.getvalue()
+
+
+def tar_gz_bytes(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tf:
+        for name, data in files.items():
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tf.addfile(member, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def openi_datasets(*entries: tuple[str, str]) -> str:
+    """multi_data_url as OpenI writes it."""
+    return json.dumps([{"dataset_url": url, "dataset_name": name} for url, name in entries])
+
+
+@pytest.mark.parametrize("inner", ["imagenet/", ""], ids=["zip of the folder", "zip of its contents"])
+def test_openi_zipped_dataset_is_downloaded_extracted_and_becomes_data_path(obs_env, tmp_path, inner):
+    tree = image_tree()
+    archive = zip_bytes({inner + name: data for name, data in tree.items()})
+    bucket = new_bucket()
+    obs_env.create_bucket(bucket, {"attachment/3/e/3e7c91": archive})  # OpenI's object names have no suffix
+    data_path = tmp_path / "cache" / "data"
+    config = make_config(tmp_path, data_path=str(data_path), need_modelarts_dataset_unzip=True,
+                         multi_data_url=openi_datasets((f"obs://{bucket}/attachment/3/e/3e7c91", "imagenet.zip")))
+
+    sync_dataset(config)
+
+    assert config.data_path == os.path.normpath(os.path.join(data_path, "imagenet", inner))
+    assert read_tree(config.data_path) == tree
+    assert (data_path / "imagenet.zip").read_bytes() == archive
+    assert os.path.isfile(extraction_marker(data_path / "imagenet"))
+
+
+def test_archive_at_data_url_is_extracted_without_the_unzip_flag(obs_env, tmp_path):
+    tree = image_tree(1)
+    bucket = new_bucket()
+    obs_env.create_bucket(bucket, {"datasets/imagenet.tar.gz": tar_gz_bytes(tree)})
+    config = make_config(tmp_path, data_url=f"obs://{bucket}/datasets/imagenet.tar.gz")
+    sync_dataset(config)
+    assert config.data_path == str(tmp_path / "data" / "imagenet" / "imagenet")
+    assert read_tree(config.data_path) == tree
+
+
+def test_the_originals_layout_zip_inside_the_data_url_folder(obs_env, tmp_path):
+    # The original: data_url a folder holding imagenet.zip (of the imagenet folder), need_modelarts_dataset_unzip,
+    # the dataset then at data_path/imagenet.
+    tree = image_tree(2)
+    bucket = new_bucket()
+    obs_env.create_bucket(bucket, {"ds/imagenet.zip": zip_bytes({f"imagenet/{k}": v for k, v in tree.items()}),
+                                   "ds/README.txt": b"ImageNet 2012"})
+    config = make_config(tmp_path, data_url=f"obs://{bucket}/ds", need_modelarts_dataset_unzip=True,
+                         data_path=str(tmp_path / "data"))
+    sync_dataset(config)
+    assert config.data_path == str(tmp_path / "data" / "imagenet" / "imagenet")
+    assert read_tree(config.data_path) == tree
+    assert sorted(os.listdir(tmp_path / "data")) == [".imagenet.extracted", "README.txt", "imagenet", "imagenet.zip"]
+
+
+def test_several_openi_datasets_go_to_folders_of_their_names(obs_env, tmp_path):
+    tree, extra = image_tree(3), {"labels/synset_words.txt": b"n00 tench\nn01 goldfish\n"}
+    bucket = new_bucket()
+    obs_env.create_bucket(bucket, {"a/1": zip_bytes(tree), **{f"b/meta/{k}": v for k, v in extra.items()}})
+    config = make_config(tmp_path, data_path=str(tmp_path / "data"), multi_data_url=openi_datasets(
+        (f"obs://{bucket}/a/1", "imagenet.zip"), (f"obs://{bucket}/b/meta", "meta")))
+    sync_dataset(config)
+    assert read_tree(tmp_path / "data" / "meta") == extra
+    assert config.data_path == str(tmp_path / "data" / "imagenet")  # the zip's name without .zip
+    assert read_tree(config.data_path) == tree
+
+
+@pytest.mark.parametrize("value, message", [
+    ('[{"dataset_url": "obs://b/imagenet.zip", "dataset_name": "imagenet.zip"}', "is not valid JSON"),
+    ('{"dataset_url": "obs://b/x.zip", "dataset_name": "x.zip"}', "must be a non-empty JSON list"),
+    ('[{"dataset_name": "imagenet.zip"}]', "entry 0 has no 'dataset_url'"),
+    ('[{"dataset_url": "obs://b/x.zip", "dataset_name": "x.zip"}, {"dataset_url": "obs://b/y"}]',
+     "entry 1 has no 'dataset_name'"),
+    ('[{"dataset_url": "s3://b/x.zip", "dataset_name": "x.zip"}]', "entry 0: OBS url 's3://b/x.zip'"),
+    ('[{"dataset_url": "obs://b/x.zip", "dataset_name": "../x.zip"}]', "dataset_name '../x.zip' is not a plain"),
+])
+def test_malformed_multi_data_url_is_one_line_before_anything_is_downloaded(obs_env, tmp_path, value, message):
+    ran = []
+    config = make_config(tmp_path, multi_data_url=value)
+    with pytest.raises(ValueError, match=re.escape(message)) as raised:
+        moxing_wrapper(config)(lambda: ran.append(True))()
+    assert "config.multi_data_url" in str(raised.value) and "\n" not in str(raised.value)
+    assert ran == [] and not os.path.exists(tmp_path / "data")
+
+
+def test_unzip_flag_without_an_archive_names_what_it_looked_for(obs_env, tmp_path):
+    bucket = new_bucket()
+    obs_env.create_bucket(bucket, {f"ds/{k}": v for k, v in image_tree().items()})
+    config = make_config(tmp_path, data_url=f"obs://{bucket}/ds", need_modelarts_dataset_unzip=True)
+    with pytest.raises(ValueError, match=r"need_modelarts_dataset_unzip is set but .*imagenet\.zip"):
+        sync_dataset(config)
+    assert not os.path.exists(completion_marker(config.data_path))
+
+
+def test_unsafe_archive_from_obs_is_refused_and_the_dataset_is_not_marked_complete(obs_env, tmp_path):
+    bucket = new_bucket()
+    obs_env.create_bucket(bucket, {"imagenet.zip": zip_bytes({"train/a/0.JPEG": b"x", "../../evil": b"owned"})})
+    config = make_config(tmp_path, data_url=f"obs://{bucket}/imagenet.zip")
+    with pytest.raises(ArchiveError, match=r"member '../../evil' has a '..' component"):
+        sync_dataset(config)
+    assert sorted(os.listdir(config.data_path)) == ["imagenet.zip"]
+    assert not os.path.exists(tmp_path / "evil") and not os.path.exists(tmp_path / "data" / "evil")
+    assert not os.path.exists(completion_marker(config.data_path))
+
+
+def test_ckpt_url_given_as_an_empty_list_is_no_url(tmp_path):
+    config = make_config(tmp_path, checkpoint_url="[]", pretrained="local.ckpt")
+    assert fetch_checkpoint(config, "pretrained") == "local.ckpt"
+
+
+# --- a restarted job continues from train_url --------------------------------------------------------------
+
+def sidecar(step: int | None) -> bytes:
+    return json.dumps({"global_step": step, "epoch": 1, "run_identity": {"seed": 7}}).encode()
+
+
+def job_outputs(prefix: str) -> dict[str, bytes]:
+    """What train_url holds after a few epochs of a job: checkpoints (names not in the order of their steps),
+    a sidecar-less one (its sidecar's upload was cut), best.ckpt, metrics, logs and things not needed."""
+    objects = {}
+    for name, step in [("epoch_0001.ckpt", 6), ("epoch_0002.ckpt", 12), ("epoch_0003_step_000004.ckpt", 16),
+                       ("zz_manual.ckpt", 3)]:
+        objects[f"{prefix}checkpoints/{name}"] = f"weights at step {step}".encode()
+        objects[f"{prefix}checkpoints/{name}.json"] = sidecar(step)
+    objects[f"{prefix}checkpoints/epoch_0003_step_000004.ckpt.rng"] = b"pipeline state"
+    objects[f"{prefix}checkpoints/epoch_0004.ckpt"] = b"weights at step 24, sidecar upload cut"
+    objects[f"{prefix}checkpoints/best.ckpt"] = b"weights at step 12"
+    objects[f"{prefix}checkpoints/best.ckpt.json"] = sidecar(12)
+    objects[f"{prefix}metrics.jsonl"] = b'{"type": "epoch", "epoch": 1, "step": 6}\n'
+    objects[f"{prefix}log/rank_0.log"] = b"epoch 1 ...\n"
+    objects[f"{prefix}log/rank_1.log"] = b"epoch 1 ...\n"
+    objects[f"{prefix}log/mindspore/rank_0/logs/mindspore.log"] = b"glog"
+    objects[f"{prefix}profiler/trace.json"] = b"{}"
+    return objects
+
+
+def test_restart_fetches_the_newest_checkpoint_by_global_step_and_nothing_older(obs_env, tmp_path):
+    bucket = new_bucket()
+    objects = job_outputs("jobs/7/")
+    obs_env.create_bucket(bucket, objects)
+    config = make_config(tmp_path, train_url=f"obs://{bucket}/jobs/7", resume="auto")
+
+    path = restore_from_train_url(config)
+
+    newest = "checkpoints/epoch_0003_step_000004.ckpt"
+    assert path == os.path.join(config.output_path, newest)
+    wanted = [newest, f"{newest}.json", f"{newest}.rng", "checkpoints/best.ckpt", "checkpoints/best.ckpt.json",
+              "metrics.jsonl", "log/rank_0.log", "log/rank_1.log"]
+    assert read_tree(config.output_path) == {name: objects[f"jobs/7/{name}"] for name in wanted}
+    assert upload_outputs(config) == []  # what was just fetched is not sent back
+
+    with open(os.path.join(config.output_path, "metrics.jsonl"), "a") as f:
+        f.write('{"type": "epoch", "epoch": 4, "step": 24}\n')
+    assert upload_outputs(config) == ["jobs/7/metrics.jsonl"]
+
+
+def test_restart_without_sidecars_takes_the_highest_epoch_and_keeps_local_files(obs_env, tmp_path):
+    bucket = new_bucket()
+    obs_env.create_bucket(bucket, {f"out/checkpoints/epoch_{e:04d}.ckpt": b"w%d" % e for e in (2, 10, 9)}
+                          | {"out/metrics.jsonl": b"remote\n"})
+    config = make_config(tmp_path, train_url=f"obs://{bucket}/out", resume="")
+    write(f"{config.output_path}/metrics.jsonl", b"local, newer\n")  # same container, process restarted
+    assert restore_from_train_url(config) == os.path.join(config.output_path, "checkpoints", "epoch_0010.ckpt")
+    assert read_tree(config.output_path) == {"checkpoints/epoch_0010.ckpt": b"w10", "metrics.jsonl": b"local, newer\n"}
+
+
+@pytest.mark.parametrize("keys", [dict(resume="/ckpt/other.ckpt"), dict(overwrite=True), dict(train_url="")])
+def test_nothing_is_restored_when_the_run_does_not_continue_its_latest_checkpoint(obs_env, tmp_path, keys):
+    bucket = new_bucket()
+    obs_env.create_bucket(bucket, job_outputs(""))
+    config = make_config(tmp_path, **{"train_url": f"obs://{bucket}", "resume": "auto", **keys})
+    assert restore_from_train_url(config) is None
+    assert not os.path.exists(config.output_path)
+
+
+def test_empty_train_url_restores_nothing_and_the_wrapper_restores_only_for_training(obs_env, tmp_path):
+    bucket = new_bucket()
+    obs_env.create_bucket(bucket)
+    config = make_config(tmp_path, train_url=f"obs://{bucket}/new-job", resume="auto")
+    assert restore_from_train_url(config) is None
+
+    obs_env.create_bucket(other := new_bucket(), job_outputs("job/"))
+    config = make_config(tmp_path, train_url=f"obs://{other}/job", resume="auto")
+    seen = []
+    moxing_wrapper(config)(lambda: seen.append(sorted(read_tree(config.output_path))))()  # eval.py, export.py
+    moxing_wrapper(config, restore_outputs=True)(lambda: seen.append(sorted(read_tree(config.output_path))))()
+    assert seen[0] == [] and "checkpoints/epoch_0003_step_000004.ckpt" in seen[1]
+
+
+# --- logs and results --------------------------------------------------------------------------------------
+
+def test_mindspore_and_platform_logs_are_uploaded_with_the_outputs(obs_env, monkeypatch, tmp_path):
+    bucket = new_bucket()
+    obs_env.create_bucket(bucket)
+    glog, platform = tmp_path / "glog", tmp_path / "platform-log"
+    write(f"{glog}/rank_0/logs/mindspore.log.123", b"[INFO] ME ...")
+    os.symlink("mindspore.log.123", glog / "rank_0" / "logs" / "mindspore.INFO")  # glog's second name
+    write(f"{platform}/job.log", b"platform")
+    monkeypatch.setenv("GLOG_log_dir", str(glog))
+    monkeypatch.setattr(moxing_adapter, "PLATFORM_LOG_DIR", str(platform))
+    config = make_config(tmp_path, train_url=f"obs://{bucket}/out")
+    write(f"{config.output_path}/log/rank_0.log", b"epoch 1")
+
+    assert sorted(upload_outputs(config)) == ["out/log/mindspore/rank_0/logs/mindspore.log.123", "out/log/rank_0.log",
+                                              "out/log/tmp_log/job.log"]
+
+
+def test_other_nodes_upload_the_logs_of_their_ranks_only(obs_env, monkeypatch, tmp_path):
+    for name, value in {"RANK_ID": "8", "RANK_SIZE": "16", "DEVICE_ID": "0"}.items():  # node 1's first process
+        monkeypatch.setenv(name, value)
+    bucket = new_bucket()
+    obs_env.create_bucket(bucket)
+    config = make_config(tmp_path, train_url=f"obs://{bucket}/out")
+    write(f"{config.output_path}/log/rank_8.log", b"rank 8")
+    write(f"{config.output_path}/log/rank_9.log", b"rank 9")
+    write(f"{config.output_path}/metrics.jsonl", b"{}")
+    assert sorted(upload_outputs(config)) == ["out/log/rank_8.log", "out/log/rank_9.log"]
+    monkeypatch.setenv("DEVICE_ID", "1")  # node 1's second process
+    write(f"{config.output_path}/log/rank_9.log", b"rank 9, later")
+    assert upload_outputs(config) == []
+
+
+def test_result_url_gets_the_results_folder_and_the_logs(obs_env, tmp_path):
+    bucket = new_bucket()
+    obs_env.create_bucket(bucket)
+    config = make_config(tmp_path, result_url=f"obs://{bucket}/result", result_path=str(tmp_path / "result"))
+
+    def evaluate() -> None:  # what eval.py leaves behind
+        write(f"{config.result_path}/eval_result.json", b'{"top1": 0.8}')
+        write(f"{config.output_path}/log/rank_0.log", b"top1: 0.8")
+
+    moxing_wrapper(config)(evaluate)()
+    assert obs_env.list_keys(bucket) == {"result/eval_result.json": b'{"top1": 0.8}',
+                                         "result/log/rank_0.log": b"top1: 0.8"}
+
+
 # --- ranks -------------------------------------------------------------------------------------------------
 
 _OTHER_RANK = """
@@ -526,3 +793,126 @@ def test_single_process_defaults_and_job_ids(monkeypatch):
     monkeypatch.setenv("RANK_ID", "two")
     with pytest.raises(ValueError, match="RANK_ID='two'"):
         device_adapter.get_rank_id()
+
+
+# --- OpenI / ModelArts jobs end to end (train.py and msrun as the platform starts them) ----------------------
+
+def jpeg_tree_zip(tmp_path) -> bytes:
+    """imagenet.zip as `zip -r imagenet.zip imagenet` makes it, of a tiny learnable JPEG tree."""
+    root = make_color_tree(str(tmp_path / "source" / "imagenet"))
+    files = {}
+    for path in sorted(glob.glob(os.path.join(root, "*", "*", "*.JPEG"))):
+        with open(path, "rb") as f:
+            files["imagenet/" + os.path.relpath(path, root).replace(os.sep, "/")] = f.read()
+    return zip_bytes(files)
+
+
+@pytest.mark.slow
+def test_openi_style_start_trains_on_the_zipped_dataset_and_uploads(server, tmp_path):
+    bucket = new_bucket()
+    server.create_bucket(bucket, {"imagenet.zip": jpeg_tree_zip(tmp_path)})
+    cache = tmp_path / "cache"
+    res = run("train.py", "--enable_modelarts=True",
+              f'--multi_data_url=[{{"dataset_url": "obs://{bucket}/imagenet.zip","dataset_name":"imagenet.zip"}}]',
+              "--need_modelarts_dataset_unzip=True", f"--train_url=obs://{bucket}/out", f"--data_path={cache}/data",
+              f"--output_path={cache}/out", *TINY, "--num_classes=3", "--num_epochs=1", "--batch_size=4",
+              env={**server.env(), "GLOG_logtostderr": "0", "GLOG_log_dir": str(tmp_path / "glog")})
+    output = res.stdout + res.stderr
+    keys = server.list_keys(bucket)
+
+    assert f"OBS: dataset obs://{bucket}/imagenet.zip is in {cache}/data/imagenet/imagenet" in output
+    assert "no effect" not in output and SECRET_KEY not in output
+    meta = json.loads(keys["out/checkpoints/epoch_0001.ckpt.json"])
+    assert meta["class_names"] == ["class_00", "class_01", "class_02"]  # trained on the extracted tree
+    for name in ("checkpoints/epoch_0001.ckpt", "metrics.jsonl", "log/rank_0.log"):
+        with open(cache / "out" / name, "rb") as f:
+            assert keys[f"out/{name}"] == f.read(), name
+    assert any(k.startswith("out/log/mindspore/rank_0/logs/mindspore.") for k in keys), sorted(keys)
+
+
+PREEMPTED_ARGS = [*TINY, "--num_classes=3", "--num_epochs=3", "--batch_size=4", "--seed=7", "--lr_max=0.002",
+                  "--lr_min=0.0002", "--eval_interval=1", "--resume=auto"]
+
+
+def _modelarts_train(container, bucket: str, job: str) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "train.py"), "--enable_modelarts=True",
+            f"--data_url=obs://{bucket}/imagenet.zip", f"--train_url=obs://{bucket}/{job}",
+            f"--data_path={container}/data", f"--output_path={container}/out", *PREEMPTED_ARGS]
+
+
+@pytest.mark.slow
+def test_job_killed_after_an_upload_restarts_in_a_new_container_and_ends_bit_equal(server, tmp_path):
+    """SIGKILL while epoch 2's checkpoint is being uploaded (epoch 1's is in OBS), the container's disk lost,
+    the same command again: the run continues from train_url and ends with an uninterrupted run's weights.
+    drop_path_rate 0 (TINY): resuming exactly with drop path is the trainer's part."""
+    bucket = new_bucket()
+    server.create_bucket(bucket, {"imagenet.zip": jpeg_tree_zip(tmp_path)})
+    env = {**os.environ, **server.env()}
+    subprocess.run(_modelarts_train(tmp_path / "reference", bucket, "reference"), cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    reference = load_checkpoint(str(tmp_path / "reference" / "out" / "checkpoints" / "epoch_0003.ckpt"))
+
+    container = tmp_path / "container"
+    job: list[subprocess.Popen] = []
+
+    def kill_at_epoch_2_upload(request: str) -> bool:
+        if request.startswith("PUT ") and "/job/" in request and "epoch_0002" in request:
+            job[0].kill()
+            return False
+        return True
+
+    with WatchProxy(server.port, kill_at_epoch_2_upload) as proxy:
+        job.append(subprocess.Popen(_modelarts_train(container, bucket, "job"), cwd=ROOT,
+                                    env={**env, "OBS_ENDPOINT": proxy.endpoint}, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL))
+        assert job[0].wait() == -signal.SIGKILL
+    uploaded = [key for key in server.list_keys(bucket) if key.startswith("job/")]
+    assert "job/checkpoints/epoch_0001.ckpt" in uploaded
+    assert not any("epoch_0002" in key or "epoch_0003" in key for key in uploaded), uploaded
+    assert os.path.isfile(container / "out" / "checkpoints" / "epoch_0002.ckpt")  # lost with the container
+    shutil.rmtree(container)
+
+    restarted = subprocess.run(_modelarts_train(container, bucket, "job"), cwd=ROOT, env=env, capture_output=True,
+                               text=True)
+    output = restarted.stdout + restarted.stderr
+    assert restarted.returncode == 0, output[-3000:]
+    assert "OBS: restored" in output and "resumed from" in output
+    final = load_checkpoint(str(container / "out" / "checkpoints" / "epoch_0003.ckpt"))
+    assert sorted(final) == sorted(reference)
+    for name, tensor in reference.items():
+        np.testing.assert_array_equal(final[name], tensor, err_msg=name)
+    with open(container / "out" / "metrics.jsonl") as f:
+        epochs = [json.loads(line)["epoch"] for line in f if '"type": "epoch"' in line]
+    assert epochs == [1, 2, 3]
+    assert "job/checkpoints/epoch_0003.ckpt" in server.list_keys(bucket)
+
+
+@pytest.mark.slow
+def test_two_local_ranks_download_and_extract_once_and_both_train(server, tmp_path):
+    bucket = new_bucket()
+    server.create_bucket(bucket, {"attachment/imagenet": jpeg_tree_zip(tmp_path)})
+    cache, logs = tmp_path / "cache", tmp_path / "msrun"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        master_port = sock.getsockname()[1]
+    with WatchProxy(server.port) as proxy:
+        res = subprocess.run(
+            ["bash", os.path.join(ROOT, "scripts", "run_distribute_train.sh"), "CPU", "2", "--enable_modelarts=True",
+             f'--multi_data_url=[{{"dataset_url":"obs://{bucket}/attachment/imagenet","dataset_name":"imagenet.zip"}}]',
+             "--need_modelarts_dataset_unzip=True", f"--train_url=obs://{bucket}/out", f"--data_path={cache}/data",
+             f"--output_path={cache}/out", *TINY, "--num_classes=3", "--num_epochs=1", "--batch_size=2",
+             "--eval_interval=0"],
+            cwd=ROOT, capture_output=True, text=True,
+            env={**os.environ, **server.env(), "OBS_ENDPOINT": proxy.endpoint, "LOG_DIR": str(logs),
+                 "MASTER_PORT": str(master_port), "CLUSTER_TIME_OUT": "120"})
+    worker_logs = [open(logs / f"worker_{rank}.log").read() for rank in (0, 1)]
+    assert res.returncode == 0, res.stderr[-2000:] + worker_logs[0][-2000:] + worker_logs[1][-2000:]
+
+    archive_reads = [r for r in proxy.requests if r.startswith("GET ") and "/attachment/imagenet" in r]
+    assert len(archive_reads) == 1, proxy.requests  # one download for the node
+    assert sum(text.count("extracted into") for text in worker_logs) == 1  # one extraction
+    assert "waits for local rank 0" in worker_logs[1]
+    rank_logs = [open(cache / "out" / "log" / f"rank_{rank}.log").read() for rank in (0, 1)]
+    fingerprints = [re.findall(r"final weights fingerprint (\w+)", text) for text in rank_logs]
+    assert fingerprints[0] and fingerprints[0] == fingerprints[1]  # both ranks trained, in step
+    assert "out/checkpoints/epoch_0001.ckpt" in server.list_keys(bucket)

@@ -347,7 +347,8 @@ class ObsTransfer:
                    uploaded: dict[str, tuple[int, int]] | None = None) -> list[str]:
         """Put every file under `local_dir` at `url` + its relative path; returns the keys written.
 
-        Hidden and `.tmp` files (partial writes) are skipped. With `uploaded` (local path -> (size, mtime_ns)
+        Hidden and `.tmp` files (partial writes) and symbolic links (glog's `mindspore.INFO`, a second name of
+        the newest log) are skipped. With `uploaded` (local path -> (size, mtime_ns)
         of its last upload), unchanged files are skipped and the record is updated."""
         bucket, prefix = parse_obs_url(url)
         jobs = []
@@ -408,5 +409,6 @@ def _walk_files(root: str) -> Iterable[str]:
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = sorted(name for name in subfolders if not is_temporary_name(name))
         for name in sorted(files):
-            if not is_temporary_name(name):
-                yield os.path.join(folder, name)
+            path = os.path.join(folder, name)
+            if not is_temporary_name(name) and not os.path.islink(path):
+                yield path
