@@ -113,12 +113,13 @@ class _State:
 
 
 class _StopAgreement(nn.Cell):
-    """Data parallel: every rank stops after the same step (the largest signal number any rank got), so
-    none waits forever in the next step's all-reduce."""
+    """Data parallel: every rank stops after the same step (as soon as any rank got a signal), so none
+    waits forever in the next step's all-reduce. A float32 sum: MindSpore 2.10's CPU AllReduce takes
+    float16/float32 only."""
 
     def __init__(self):
         super().__init__()
-        self.all_reduce = ops.AllReduce(ops.ReduceOp.MAX)
+        self.all_reduce = ops.AllReduce(ops.ReduceOp.SUM)
 
     def construct(self, flag):
         return self.all_reduce(flag)
@@ -379,7 +380,8 @@ class _Training:
     def _agreed_stop(self) -> int:
         signum = self.stop.signum
         if self.agreement is not None:
-            signum = int(self.agreement(ms.Tensor(np.array([signum], np.int32))).asnumpy()[0])
+            stopping = self.agreement(ms.Tensor(np.array([float(signum > 0)], np.float32))).asnumpy()[0] > 0
+            signum = (signum or int(signal.SIGTERM)) if stopping else 0
         return signum
 
     def _upload(self) -> None:
