@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 
+import numpy as np
 import pytest
 from runs import ROOT, TINY, make_color_tree, run
 from s3_server import S3Server
@@ -78,3 +79,46 @@ def server_secret_not_in(text: str) -> bool:
     from s3_server import SECRET_KEY
 
     return SECRET_KEY not in text
+
+
+def test_two_worker_run_killed_mid_epoch_resumes_bit_equal(data, tmp_path):
+    """SIGKILL to msrun and both workers inside epoch 2, then --resume=auto: the final checkpoint equals an
+    uninterrupted 2-worker run's in every tensor (drop path, MixUp and RandAugment on)."""
+    import json
+    import signal
+    import time
+
+    from src.checkpoint import load_checkpoint
+
+    args = [f"--data_path={data}", *TINY, "--num_classes=3", "--num_epochs=3", "--batch_size=2", "--eval_interval=0",
+            "--drop_path_rate=0.3", "--mixup_alpha=0.8", "--rand_augment_magnitude=9", "--enable_ema=True"]
+    ref_out = str(tmp_path / "ref")
+    res = _launch(*args, f"--output_path={ref_out}", log_dir=str(tmp_path / "ref_log"))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+
+    out = str(tmp_path / "out")
+    metrics = os.path.join(out, "metrics.jsonl")
+
+    def last_step():
+        if not os.path.exists(metrics):
+            return 0
+        return max((json.loads(ln)["step"] for ln in open(metrics) if '"type": "step"' in ln), default=0)
+
+    env = {**os.environ, "LOG_DIR": str(tmp_path / "log"), "MASTER_PORT": str(_free_port()), "CLUSTER_TIME_OUT": "120"}
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "scripts", "run_distribute_train.sh"), "CPU", "2", *args,
+                             f"--output_path={out}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    while last_step() < 8:  # 12 images per rank / batch 2: 6 steps per epoch; step 8 is inside epoch 2
+        assert proc.poll() is None, f"the launcher ended ({proc.returncode}) before step 8"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert last_step() < 12 and not os.path.exists(os.path.join(out, "checkpoints", "epoch_0002.ckpt"))
+    res = _launch(*args, f"--output_path={out}", "--resume=auto", log_dir=str(tmp_path / "log2"))
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "resumed from" in open(os.path.join(out, "log", "rank_1.log")).read()
+    final = load_checkpoint(os.path.join(out, "checkpoints", "epoch_0003.ckpt"))
+    reference = load_checkpoint(os.path.join(ref_out, "checkpoints", "epoch_0003.ckpt"))
+    assert sorted(final) == sorted(reference)
+    for key, value in reference.items():
+        np.testing.assert_array_equal(final[key], value, err_msg=key)
