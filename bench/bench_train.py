@@ -33,30 +33,40 @@ from common import base_parser, count_macs
 PEAK_GFLOPS = 2 * 64 * 2.3
 
 
+def ours_config(name, size):
+    """The suite's config for the race: timm's side runs AdamW (lr 1e-4, wd 0.05, eps 1e-6), clip 1.0 and EMA
+    0.9999 without stochastic depth; the rest is default_config.yaml."""
+    from src.model_utils.config import load_config
+
+    return load_config([f"--model_name={name}", f"--image_height={size}", f"--image_width={size}",
+                        "--num_classes=1000", "--drop_path_rate=0.0", "--lr_max=0.0001", "--lr_min=0.0001",
+                        "--lr_warmup_epochs=0", "--num_epochs=1", "--weight_decay=0.05", "--epsilon=0.000001",
+                        "--enable_clip_norm=True", "--gradient_norm=1.0", "--enable_ema=True",
+                        "--ema_decay=0.9999", "--device_target=CPU", "--amp_level=O0"])
+
+
 def build_ours(name, batch, size):
+    """Our train step, built by the trainer's own ``build_train_step`` (so it cannot drift from what trains)."""
     import mindspore as ms
     import numpy as np
-    from mindspore import nn
 
-    from src.cell_wrapper import TrainStep
-    from src.coatnet import create_model
-    from src.utils import canonical_names, param_groups
+    from src.cell_wrapper import drop_path_noise
+    from src.trainer import build_model, build_train_step
+    from src.utils import canonical_names
 
     ms.set_context(mode=ms.GRAPH_MODE, jit_config={"jit_level": "O1"})
     ms.set_seed(0)
-    net = create_model(name, image_size=size, drop_path_rate=0.0)  # as timm's side: no stochastic depth
-    names = canonical_names(net)
-    params = net.trainable_params()
-    opt = nn.AdamWeightDecay(param_groups(params, 0.05, names), learning_rate=1e-4, eps=1e-6)
-    allp = list(net.get_parameters())
-    ema = tuple(ms.Parameter(p.value().copy(), name="ema." + names[id(p)], requires_grad=False) for p in allp)
-    step = TrainStep(net, opt, clip_norm=1.0, ema_params=ema, model_params=tuple(allp), ema_decay=0.9999)
+    config = ours_config(name, size)
+    net = build_model(config)
+    # 10,000 entries of the constant lr: more than any run of this bench takes steps
+    step = build_train_step(config, net, canonical_names(net), steps_per_epoch=10_000).step_cell
     net.set_train(True)
     rng = np.random.RandomState(0)
     x = ms.Tensor(rng.randn(batch, 3, size, size).astype(np.float32))
     y = ms.Tensor(np.full((batch, 1000), 1.0 / 1000, np.float32))
-    step.compile_for(x, y)  # as src/trainer.py does before the first step
-    return lambda: step(x, y)[0].asnumpy(), net
+    noise = drop_path_noise(config.seed, 0, 0, net.num_drop_paths, batch)  # None without stochastic depth
+    step.compile_for(x, y, noise)  # as src/trainer.py does before the first step
+    return lambda: step(x, y, noise)[0].asnumpy(), net
 
 
 def build_timm(name, batch, size):

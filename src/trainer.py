@@ -9,6 +9,7 @@ crops, RandAugment and MixUp draw what they drew before."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import time
@@ -28,7 +29,7 @@ from src.precision import apply_precision
 from src.run_control import GracefulStop, RunLock, identity_differences, move_aside, run_identity
 from src.utils import RunContext, canonical_names, get_logger, lr_schedule, param_groups, set_seed
 
-__all__ = ["build_model", "train"]
+__all__ = ["build_model", "build_train_step", "StepParts", "train"]
 
 
 def build_model(config) -> CoAtNet:
@@ -112,6 +113,43 @@ class _State:
         return epoch, step
 
 
+@dataclasses.dataclass
+class StepParts:
+    """What one compiled training step is made of (``build_train_step``)."""
+
+    optimizer: nn.AdamWeightDecay
+    ema: tuple | None  # 'ema.<name>' shadows of every model tensor, or None
+    step_cell: TrainStep
+    lr: np.ndarray  # per-step learning rate the optimizer indexes
+
+
+def build_train_step(config, net: nn.Cell, names: dict[int, str], steps_per_epoch: int,
+                     rank_size: int = 1) -> StepParts:
+    """The train step of ``config`` around ``net`` (already set up for its precision): AdamWeightDecay over
+    the lr schedule, EMA, loss scale, clipping and (``rank_size`` > 1) the gradient all-reduce. train.py,
+    finetune.py and bench/bench_train.py build their steps here, so the benchmark measures what trains."""
+    lr = lr_schedule(config.lr_max, config.lr_min, config.lr_warmup_epochs, config.num_epochs, steps_per_epoch)
+    trainable = net.trainable_params()
+    optimizer = nn.AdamWeightDecay(param_groups(trainable, config.weight_decay, names),
+                                   learning_rate=ms.Tensor(lr), beta1=config.beta1, beta2=config.beta2,
+                                   eps=config.epsilon)
+    all_params = list(net.get_parameters())
+    ema = None
+    if config.enable_ema:
+        # EMA over every model tensor, BatchNorm statistics included, stored under 'ema.<name>'.
+        ema = tuple(ms.Parameter(p.value().copy(), name=EMA_PREFIX + names[id(p)], requires_grad=False)
+                    for p in all_params)
+    reducer = None
+    if rank_size > 1:
+        reducer = nn.DistributedGradReducer(optimizer.parameters, mean=True, degree=rank_size)
+    step_cell = TrainStep(net, optimizer, loss_scale=config.loss_scale, scale_factor=config.loss_scale_factor,
+                          scale_window=config.loss_scale_window,
+                          clip_norm=config.gradient_norm if config.enable_clip_norm else None,
+                          ema_params=ema, model_params=tuple(all_params) if ema else None,
+                          ema_decay=config.ema_decay, reducer=reducer)
+    return StepParts(optimizer, ema, step_cell, lr)
+
+
 class _StopAgreement(nn.Cell):
     """Data parallel: every rank stops after the same step (as soon as any rank got a signal), so none
     waits forever in the next step's all-reduce. A float32 sum: MindSpore 2.10's CPU AllReduce takes
@@ -186,28 +224,10 @@ class _Training:
         if self.steps_per_epoch == 0:
             raise ValueError(f"{config.data_path}/train has fewer images per rank than batch_size "
                              f"{config.batch_size}: no full batch to train on")
-        self.lr = lr_schedule(config.lr_max, config.lr_min, config.lr_warmup_epochs, config.num_epochs,
-                              self.steps_per_epoch)
         self.trainable = net.trainable_params()
-        self.optimizer = nn.AdamWeightDecay(param_groups(self.trainable, config.weight_decay, self.names),
-                                            learning_rate=ms.Tensor(self.lr), beta1=config.beta1,
-                                            beta2=config.beta2, eps=config.epsilon)
-        all_params = list(net.get_parameters())
-        self.ema = None
-        if config.enable_ema:
-            # EMA over every model tensor, BatchNorm statistics included, stored under 'ema.<name>'.
-            self.ema = tuple(ms.Parameter(p.value().copy(), name=EMA_PREFIX + self.names[id(p)], requires_grad=False)
-                             for p in all_params)
-        reducer = None
-        self.agreement = None
-        if run.rank_size > 1:
-            reducer = nn.DistributedGradReducer(self.optimizer.parameters, mean=True, degree=run.rank_size)
-            self.agreement = _StopAgreement()
-        self.step_cell = TrainStep(net, self.optimizer, loss_scale=config.loss_scale,
-                                   scale_factor=config.loss_scale_factor, scale_window=config.loss_scale_window,
-                                   clip_norm=config.gradient_norm if config.enable_clip_norm else None,
-                                   ema_params=self.ema, model_params=tuple(all_params) if self.ema else None,
-                                   ema_decay=config.ema_decay, reducer=reducer)
+        parts = build_train_step(config, net, self.names, self.steps_per_epoch, run.rank_size)
+        self.optimizer, self.ema, self.step_cell, self.lr = parts.optimizer, parts.ema, parts.step_cell, parts.lr
+        self.agreement = _StopAgreement() if run.rank_size > 1 else None
         self.state = _State(net, self.names, self.optimizer, self.step_cell, self.ema)
         self.identity = run_identity(config, run.rank_size)
         self.ckpt = CheckpointManager(checkpoint_folder(config), config.keep_checkpoint_max,

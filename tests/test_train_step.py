@@ -155,3 +155,32 @@ def test_compile_for_then_step_equals_a_plain_step(mode):
         assert bool(finite.asnumpy())
     for a, b in zip(*results, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_the_benchmark_builds_its_step_with_the_trainers_function(monkeypatch):
+    """bench/bench_train.py measures the step train.py runs: both come from src.trainer.build_train_step."""
+    import os
+    import sys
+
+    import src.trainer
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import bench_train
+
+    built = []
+
+    def recording(*args, **kwargs):
+        parts = real(*args, **kwargs)
+        built.append(parts.step_cell)
+        return parts
+
+    real = src.trainer.build_train_step
+    monkeypatch.setattr(src.trainer, "build_train_step", recording)
+    mode, jit = ms.get_context("mode"), ms.get_context("jit_config")
+    try:
+        step, net = bench_train.build_ours("coatnet_tiny", 2, 32)  # sets graph mode and jit_level O1
+        assert len(built) == 1 and isinstance(built[0], TrainStep)
+        assert np.isfinite(step())  # and it is the step the bench times
+    finally:
+        ms.set_context(mode=mode, jit_config=jit)
+    assert built[0].clip and built[0].use_ema and built[0].ema_decay == 0.9999
