@@ -292,6 +292,8 @@ def sync_dataset(config: Any, on_downloaded: Callable[[str], None] | None = None
     if not sources and not config.need_modelarts_dataset_unzip:
         return
     _check_unzip_name(config)
+    if sources and sources[0].name and _url(config, "data_url"):
+        logger.info("OBS: multi_data_url is given, so data_url %s is not downloaded", _url(config, "data_url"))
     token = ",".join(source.url for source in sources) or f"archive in {config.data_path}"
     with _transfer(config) as transfer:
         _once_per_node(config.data_path, token,
