@@ -233,3 +233,16 @@ def test_resume_from_a_missing_path_is_a_clear_error(data, tmp_path):
     res = run("train.py", f"--data_path={data}", f"--output_path={tmp_path}", *ARGS,
               f"--resume={tmp_path}/nope.ckpt", check=False)
     assert res.returncode == 2 and "resume checkpoint not found" in res.stderr
+
+
+def test_the_same_command_twice_finds_the_run_finished(data, tmp_path):
+    """make demo twice in a row: the rerun continues its own run, which is complete, so it trains nothing."""
+    out = str(tmp_path)
+    cmd = [f"--data_path={data}", f"--output_path={out}", *ARGS, "--num_epochs=1"]
+    run("train.py", *cmd)
+    before = open(os.path.join(out, "metrics.jsonl")).read()
+    mtime = os.path.getmtime(os.path.join(out, "checkpoints", "epoch_0001.ckpt"))
+    res = run("train.py", *cmd)
+    assert "holds checkpoints of this same run" in res.stderr and "nothing to train" in res.stderr
+    assert open(os.path.join(out, "metrics.jsonl")).read() == before
+    assert os.path.getmtime(os.path.join(out, "checkpoints", "epoch_0001.ckpt")) == mtime
