@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import time
 import types
 import uuid
 import zipfile
@@ -831,7 +832,10 @@ def test_openi_style_start_trains_on_the_zipped_dataset_and_uploads(server, tmp_
 
 
 PREEMPTED_ARGS = [*TINY, "--num_classes=3", "--num_epochs=3", "--batch_size=4", "--seed=7", "--lr_max=0.002",
-                  "--lr_min=0.0002", "--eval_interval=1", "--resume=auto"]
+                  "--lr_min=0.0002", "--eval_interval=1", "--resume=auto",
+                  # the default recipe's randomness: a restarted job must replay it exactly
+                  "--drop_path_rate=0.3", "--mixup_alpha=0.8", "--save_checkpoint_steps=4"]
+STEPS_PER_EPOCH = 6  # 3 classes x 8 images / batch 4
 
 
 def _modelarts_train(container, bucket: str, job: str) -> list[str]:
@@ -840,40 +844,23 @@ def _modelarts_train(container, bucket: str, job: str) -> list[str]:
             f"--data_path={container}/data", f"--output_path={container}/out", *PREEMPTED_ARGS]
 
 
-@pytest.mark.slow
-def test_job_killed_after_an_upload_restarts_in_a_new_container_and_ends_bit_equal(server, tmp_path):
-    """SIGKILL while epoch 2's checkpoint is being uploaded (epoch 1's is in OBS), the container's disk lost,
-    the same command again: the run continues from train_url and ends with an uninterrupted run's weights.
-    drop_path_rate 0 (TINY): resuming exactly with drop path is the trainer's part."""
+@pytest.fixture(scope="module")
+def preempted_reference(server, tmp_path_factory):
+    """An uninterrupted job of PREEMPTED_ARGS: (its bucket, its final checkpoint)."""
+    tmp_path = tmp_path_factory.mktemp("reference")
     bucket = new_bucket()
     server.create_bucket(bucket, {"imagenet.zip": jpeg_tree_zip(tmp_path)})
-    env = {**os.environ, **server.env()}
-    subprocess.run(_modelarts_train(tmp_path / "reference", bucket, "reference"), cwd=ROOT, env=env, check=True,
-                   capture_output=True)
-    reference = load_checkpoint(str(tmp_path / "reference" / "out" / "checkpoints" / "epoch_0003.ckpt"))
+    subprocess.run(_modelarts_train(tmp_path / "container", bucket, "reference"), cwd=ROOT,
+                   env={**os.environ, **server.env()}, check=True, capture_output=True)
+    return bucket, load_checkpoint(str(tmp_path / "container" / "out" / "checkpoints" / "epoch_0003.ckpt"))
 
-    container = tmp_path / "container"
-    job: list[subprocess.Popen] = []
 
-    def kill_at_epoch_2_upload(request: str) -> bool:
-        if request.startswith("PUT ") and "/job/" in request and "epoch_0002" in request:
-            job[0].kill()
-            return False
-        return True
-
-    with WatchProxy(server.port, kill_at_epoch_2_upload) as proxy:
-        job.append(subprocess.Popen(_modelarts_train(container, bucket, "job"), cwd=ROOT,
-                                    env={**env, "OBS_ENDPOINT": proxy.endpoint}, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL))
-        assert job[0].wait() == -signal.SIGKILL
-    uploaded = [key for key in server.list_keys(bucket) if key.startswith("job/")]
-    assert "job/checkpoints/epoch_0001.ckpt" in uploaded
-    assert not any("epoch_0002" in key or "epoch_0003" in key for key in uploaded), uploaded
-    assert os.path.isfile(container / "out" / "checkpoints" / "epoch_0002.ckpt")  # lost with the container
+def _restart_in_a_new_container(server, container, bucket: str, reference: dict) -> str:
+    """The container's disk is lost; the same command again must continue from train_url and end with the
+    uninterrupted job's weights (every tensor, every bit). Returns the restarted job's output."""
     shutil.rmtree(container)
-
-    restarted = subprocess.run(_modelarts_train(container, bucket, "job"), cwd=ROOT, env=env, capture_output=True,
-                               text=True)
+    restarted = subprocess.run(_modelarts_train(container, bucket, "job"), cwd=ROOT,
+                               env={**os.environ, **server.env()}, capture_output=True, text=True)
     output = restarted.stdout + restarted.stderr
     assert restarted.returncode == 0, output[-3000:]
     assert "OBS: restored" in output and "resumed from" in output
@@ -885,6 +872,68 @@ def test_job_killed_after_an_upload_restarts_in_a_new_container_and_ends_bit_equ
         epochs = [json.loads(line)["epoch"] for line in f if '"type": "epoch"' in line]
     assert epochs == [1, 2, 3]
     assert "job/checkpoints/epoch_0003.ckpt" in server.list_keys(bucket)
+    return output
+
+
+def _last_step(out) -> int:
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return max((json.loads(line)["step"] for line in f if '"type": "step"' in line), default=0)
+
+
+@pytest.mark.slow
+def test_job_killed_during_an_upload_loses_at_most_save_checkpoint_steps(server, preempted_reference, tmp_path):
+    """SIGKILL while the step-16 checkpoint (epoch 3, step 4) is being uploaded: OBS has the step-12 one, the
+    container's disk is lost, and the same command continues from step 12, ending bit-equal."""
+    ref_bucket, reference = preempted_reference
+    bucket = new_bucket()
+    server.create_bucket(bucket, {"imagenet.zip": server.list_keys(ref_bucket)["imagenet.zip"]})
+    container = tmp_path / "container"
+    job: list[subprocess.Popen] = []
+
+    def kill_at_the_step_16_upload(request: str) -> bool:
+        if request.startswith("PUT ") and "/job/" in request and "epoch_0003_step_000004" in request:
+            job[0].kill()
+            return False
+        return True
+
+    with WatchProxy(server.port, kill_at_the_step_16_upload) as proxy:
+        job.append(subprocess.Popen(_modelarts_train(container, bucket, "job"), cwd=ROOT,
+                                    env={**os.environ, **server.env(), "OBS_ENDPOINT": proxy.endpoint},
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        assert job[0].wait() == -signal.SIGKILL
+    uploaded = [key for key in server.list_keys(bucket) if key.startswith("job/checkpoints/")]
+    assert "job/checkpoints/epoch_0002.ckpt" in uploaded
+    assert not any("epoch_0003" in key for key in uploaded), uploaded
+    output = _restart_in_a_new_container(server, container, bucket, reference)
+    assert "(train step 12)" in output  # 16 - save_checkpoint_steps: nothing more was lost
+
+
+@pytest.mark.slow
+def test_job_sigtermed_mid_epoch_restarts_in_a_new_container_and_ends_bit_equal(server, preempted_reference,
+                                                                               tmp_path):
+    """Preemption as ModelArts does it: SIGTERM mid-epoch; the job checkpoints the step it reached, uploads it
+    and exits 143; the container's disk is lost; the same command continues from exactly that step."""
+    ref_bucket, reference = preempted_reference
+    bucket = new_bucket()
+    server.create_bucket(bucket, {"imagenet.zip": server.list_keys(ref_bucket)["imagenet.zip"]})
+    container = tmp_path / "container"
+    job = subprocess.Popen(_modelarts_train(container, bucket, "job"), cwd=ROOT, env={**os.environ, **server.env()},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while _last_step(container / "out") < STEPS_PER_EPOCH + 1:  # inside epoch 2
+        assert job.poll() is None, f"the job ended ({job.returncode}) before step 7"
+        time.sleep(0.02)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait() == 143
+    stopped = _last_step(container / "out")
+    in_epoch = stopped - STEPS_PER_EPOCH
+    assert 0 < in_epoch < STEPS_PER_EPOCH
+    name = f"job/checkpoints/epoch_0002_step_{in_epoch:06d}.ckpt"
+    assert name in server.list_keys(bucket) and name + ".json" in server.list_keys(bucket)  # uploaded on the way out
+    output = _restart_in_a_new_container(server, container, bucket, reference)
+    assert f"(train step {stopped})" in output  # nothing lost
 
 
 @pytest.mark.slow
