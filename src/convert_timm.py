@@ -11,15 +11,16 @@ recorded beside the checkpoint (``OUT.ckpt.json``) so eval uses it unless told o
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import struct
 import sys
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import ml_dtypes  # registers bfloat16 with numpy, so safetensors.numpy reads BF16 tensors
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
 
 import src  # noqa: F401  (CPU ISA default before mindspore loads)
 from src.checkpoint import CheckpointError, save_checkpoint
@@ -40,8 +41,6 @@ TIMM_PREPROCESS["coatnet_bn_0_rw_224"].update(image_mean=list(_IMAGENET_MEAN_STD
 
 _NORM_NAMES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean",
                "running_var": "moving_variance"}
-_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64,
-                       "I32": np.int32, "U8": np.uint8}
 
 
 def our_name(timm_model: str) -> str:
@@ -57,31 +56,16 @@ def our_name(timm_model: str) -> str:
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Minimal reader of the safetensors format (8-byte header length, JSON header, raw data)."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 8:
-        raise ValueError(f"{path} is not a safetensors file (too short)")
-    (n,) = struct.unpack("<Q", raw[:8])
+    """The tensors of a ``.safetensors`` file as numpy arrays (bfloat16 widened to float32), without torch."""
     try:
-        header = json.loads(raw[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ValueError(f"{path} is not a safetensors file (bad header)") from None
-    base = 8 + n
-    out = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        buf = raw[base + start:base + end]
-        if info["dtype"] == "BF16":
-            arr = (np.frombuffer(buf, np.uint16).astype(np.uint32) << 16).view(np.float32)
-        elif info["dtype"] in _SAFETENSORS_DTYPES:
-            arr = np.frombuffer(buf, _SAFETENSORS_DTYPES[info["dtype"]])
-        else:
-            raise ValueError(f"{path}: tensor '{key}' has unsupported dtype {info['dtype']}")
-        out[key] = arr.reshape(info["shape"]).copy()
-    return out
+        tensors = load_file(path)
+    except SafetensorError as exc:  # a damaged or truncated file: the library names what is wrong with it
+        raise ValueError(f"{path} is not a readable safetensors file: {str(exc).splitlines()[0]}") from None
+    except TypeError as exc:  # a dtype numpy cannot represent (e.g. a float8 kind ml_dtypes lacks)
+        raise ValueError(f"{path}: unsupported tensor dtype ({exc})") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return {k: v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else v for k, v in tensors.items()}
 
 
 def read_torch(path: str) -> dict[str, np.ndarray]:

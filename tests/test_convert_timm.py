@@ -45,6 +45,36 @@ def test_safetensors_reader_needs_no_torch_and_matches(tmp_path):
     np.testing.assert_array_equal(got["head.fc.weight"], ref.state_dict()["head.fc.weight"].numpy())
 
 
+def test_bf16_safetensors_are_read_as_float32(tmp_path):
+    from safetensors.torch import save_file
+
+    ref = timm_model("coatnet_nano_rw_224")
+    half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in ref.state_dict().items()}
+    src = str(tmp_path / "bf16.safetensors")
+    save_file(half, src)
+    params = convert("coatnet_nano_rw_224", src, str(tmp_path / "bf16.ckpt"))
+    assert params["head.fc.weight"].dtype == np.float32
+    np.testing.assert_array_equal(params["head.fc.weight"], half["head.fc.weight"].float().numpy())
+
+
+@pytest.mark.parametrize("damage", ["truncated data", "cut inside the header", "not safetensors at all"])
+def test_a_damaged_safetensors_file_is_one_line_naming_it(tmp_path, damage):
+    from safetensors.numpy import save_file
+
+    good = str(tmp_path / "good.safetensors")
+    save_file({"head.fc.weight": np.ones((3, 8), np.float32), "head.fc.bias": np.zeros(3, np.float32)}, good)
+    data = open(good, "rb").read()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes({"truncated data": data[:-16], "cut inside the header": data[:20],
+                     "not safetensors at all": b"PK\x03\x04" + bytes(64)}[damage])
+    dst = tmp_path / "out.ckpt"
+    res = _cli("--model", "coatnet_nano_rw_224", "--src", str(bad), "--dst", str(dst))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad} is not a readable safetensors file: "), lines
+    assert not dst.exists()
+
+
 def test_pth_input_is_loaded_weights_only(tmp_path):
     ref = timm_model("coatnet_nano_rw_224")
     pth = str(tmp_path / "nano.pth")
