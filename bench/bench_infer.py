@@ -1,13 +1,16 @@
 """Inference throughput after export, on CPU: the MindSpore Python model (graph mode), the exported
-MINDIR (GraphCell) and the exported ONNX in onnxruntime, against timm eager and torch.compile, in one
-run with the same input, batch, float32 and thread count. Random weights; nothing is downloaded.
+MINDIR (GraphCell) and the exported ONNX in onnxruntime, against timm eager and torch.compile (NCHW and
+channels-last model and input), in one run with the same input, batch, float32 and thread count. Random
+weights; nothing is downloaded. Ratios are against timm eager and against the faster torch.compile.
 
     .venv/bin/python bench/bench_infer.py [--model coatnet_0_224] [--batch_size 8] [--image_size 224]
                                           [--iters 5] [--threads 2] [--compile_timeout 900]
 
 Each runtime is timed in its own child process, one after the other, so that no runtime's thread pool
 or allocator state touches another's; torch.compile past --compile_timeout is stopped and reported as
-such. The load average is printed with the figures: on a shared machine other processes move them.
+such. The load average is printed with the figures (and each runtime's at its end): on a shared machine
+other processes move them. Everything printed, with the CPU model, the machine's nominal fp32 peak
+(``common.cpu_peak``) and the library versions, is written to bench/results/bench_infer_<UTC time>.json.
 
 A timm-named ``--model`` is compared with timm's model of that name (the same network). For the original
 MindSpore variants (``coatnet_0`` ...) the reference is timm's structure of the same size
@@ -25,11 +28,13 @@ import sys
 import tempfile
 import time
 
-from common import base_parser, median_time
+from common import base_parser, cpu_peak, describe_peak, median_time, write_results
 
-RUNTIMES = ("mindspore", "mindir", "onnx", "timm_eager", "torch_compile")
+RUNTIMES = ("mindspore", "mindir", "onnx", "timm_eager", "torch_compile", "torch_compile_cl")
+COMPILED = ("torch_compile", "torch_compile_cl")
 LABELS = {"mindspore": "MindSpore graph (Python model)", "mindir": "MINDIR (GraphCell)",
-          "onnx": "ONNX (onnxruntime)", "timm_eager": "timm eager", "torch_compile": "timm torch.compile"}
+          "onnx": "ONNX (onnxruntime)", "timm_eager": "timm eager", "torch_compile": "timm torch.compile",
+          "torch_compile_cl": "timm torch.compile channels-last"}
 
 
 def timm_reference(name: str, image_size: int):
@@ -58,12 +63,15 @@ def _worker(args) -> dict:
     x = np.random.RandomState(0).randn(args.batch_size, 3, args.image_size, args.image_size).astype(np.float32)
     ref_path = os.path.join(args.work_dir, "logits.npy")
     kind = args.worker
-    if kind in ("timm_eager", "torch_compile"):
+    if kind in ("timm_eager", *COMPILED):
         import torch
 
         torch.set_num_threads(args.threads)
         model = timm_reference(args.model, args.image_size)
         xp = torch.from_numpy(x)
+        if kind == "torch_compile_cl":
+            model = model.to(memory_format=torch.channels_last)
+            xp = xp.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             if kind == "timm_eager":
                 return {"img_s": args.batch_size / median_time(lambda: model(xp), args.iters)}
@@ -72,7 +80,7 @@ def _worker(args) -> dict:
             compiled(xp)
             compile_s = time.perf_counter() - start
             return {"img_s": args.batch_size / median_time(lambda: compiled(xp), args.iters),
-                    "note": f"compile + first call {compile_s:.0f} s"}
+                    "compile_s": compile_s, "note": f"compile + first call {compile_s:.0f} s"}
 
     if kind == "onnx":
         import onnxruntime as ort
@@ -137,24 +145,48 @@ def main() -> None:
     if args.iters < 5:
         ap.error("--iters must be >= 5 (the figure is a median)")
     if args.worker:
-        print(json.dumps(_worker(args)))
+        result = _worker(args)
+        print(json.dumps({**result, "load_1min": os.getloadavg()[0]}))
         return
 
-    load_before = os.getloadavg()[0]
+    machine = cpu_peak(args.threads)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as work_dir:
-        results = {kind: _run_worker(kind, args, work_dir, args.compile_timeout if kind == "torch_compile" else None)
+        results = {kind: _run_worker(kind, args, work_dir, args.compile_timeout if kind in COMPILED else None)
                    for kind in RUNTIMES}
+    load_after = os.getloadavg()
     base = results["timm_eager"].get("img_s")
+    compiled = [k for k in COMPILED if results[k].get("img_s")]
+    best = max(compiled, key=lambda k: results[k]["img_s"]) if compiled else None
+    best_img_s = results[best]["img_s"] if best else None
+    print(describe_peak(machine))
     print(f"inference {args.model} {args.image_size}x{args.image_size} fp32, batch {args.batch_size}, "
           f"{args.threads} threads, median of {args.iters} after 2 warm-up runs, one process per runtime; "
-          f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, {os.cpu_count()} CPUs")
-    print(f"{'runtime':<32} {'img/s':>8} {'vs timm eager':>14}")
+          f"1-min load average {load_before[0]:.2f} before, {load_after[0]:.2f} after, {os.cpu_count()} CPUs")
+    print(f"{'runtime':<34} {'img/s':>8} {'vs timm eager':>14} {'vs best compile':>16} {'load':>5}")
+    ratios = {}
     for kind in RUNTIMES:
         r = results[kind]
         value = r.get("img_s")
-        ratio = f"{value / base:>13.2f}x" if value and base else f"{'-':>14}"
-        figures = f"{value:>8.2f} {ratio}" if value else f"{'-':>8} {'-':>14}"
-        print(f"{LABELS[kind]:<32} {figures}  {r.get('note', '')}".rstrip())
+        vs_eager = f"{value / base:>13.2f}x" if value and base else f"{'-':>14}"
+        vs_compile = f"{value / best_img_s:>15.2f}x" if value and best_img_s else f"{'-':>16}"
+        if value and base:
+            ratios[f"{kind}_vs_timm_eager"] = value / base
+        if value and best_img_s:
+            ratios[f"{kind}_vs_best_compile"] = value / best_img_s
+        load = f"{r['load_1min']:>5.2f}" if "load_1min" in r else f"{'-':>5}"
+        figures = f"{value:>8.2f} {vs_eager} {vs_compile} {load}" if value else f"{'-':>8} {'-':>14} {'-':>16} {load}"
+        print(f"{LABELS[kind]:<34} {figures}  {r.get('note', '')}".rstrip())
+    graph, mindir = results["mindspore"].get("img_s"), results["mindir"].get("img_s")
+    if graph and mindir:
+        ratios["graph_vs_mindir"] = graph / mindir
+        print(f"MINDIR is {graph / mindir:.2f}x slower than the MindSpore graph (Python model)")
+    if best:
+        print(f"best torch.compile: {LABELS[best]}")
+    path = write_results("bench_infer", {
+        "args": vars(args), "machine": machine, "load_average_before": load_before, "load_average_after": load_after,
+        "results": results, "best_compile": best, "ratios": ratios})
+    print(f"written {os.path.relpath(path)}")
 
 
 if __name__ == "__main__":
