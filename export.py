@@ -19,8 +19,9 @@ import tempfile
 
 import src  # noqa: F401  (sets the CPU ISA default before mindspore loads)
 from src.checkpoint import load_into, read_metadata
-from src.coatnet import ERF_STANDIN_OP, create_model, prepare_for_export, use_stock_ops
+from src.coatnet import ERF_STANDIN_OP, create_model, prepare_for_export
 from src.fs_errors import disk_failure, writing
+from src.kernels import use_stock_ops
 from src.model_utils.config import ConfigError, load_config
 from src.model_utils.moxing_adapter import fetch_checkpoint, moxing_wrapper
 from src.utils import cli_main, setup_context, weights_for

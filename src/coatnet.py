@@ -5,8 +5,9 @@ Paper: https://arxiv.org/abs/2106.04803
 Layout C-C-T-T (paper Table 3): a two-conv stem S0, two MBConv stages S1/S2 and two Transformer
 stages S3/S4 with 2-D relative attention, then global pooling and a classifier head. Variants are
 data (``MODEL_CFGS``); parameter names follow timm's ``maxxvit.py`` so timm weights convert 1:1
-(see ``src/convert_timm.py``). This module knows nothing of datasets or config files; the only
-device-specific parts are the fused CPU kernels (``src/kernels``) some cells use when available.
+(see ``src/convert_timm.py``). This module knows nothing of datasets, config files or devices: a model
+is built with MindSpore's own ops, and ``src.kernels.use_fused_kernels(net)`` switches the cells that
+have a fused CPU kernel (their ``set_fused``) to it.
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ __all__ = [
     "resize_rel_pos_tables",
     "prepare_for_export",
     "ERF_STANDIN_OP",
-    "use_stock_ops",
 ]
 
 
@@ -186,15 +186,19 @@ class GELU(nn.Cell):
     """GELU, exact (``approximate="none"``, timm) or MindSpore's tanh form (``"tanh"``, what the
     original's ``nn.GELU()`` computes).
 
-    On CPU, float32 inputs go through the fused kernel of ``src.kernels`` (one pass forward, one
-    backward; MindSpore's own Erf-based lowering took ~30 % of a CoAtNet-0 train step), when it is
-    available; ``use_stock_ops`` turns it off, e.g. for export. ONNX export swaps in ``ExportGELU``.
+    After ``set_fused(True)``, float32 inputs go through the fused CPU kernel of ``src.kernels`` (one pass
+    forward, one backward; MindSpore's own Erf-based lowering took ~30 % of a CoAtNet-0 train step), where
+    it is available. ONNX export swaps in ``ExportGELU``.
     """
 
     def __init__(self, approximate: str = "none"):
         super().__init__()
         self.approximate = approximate
-        self.fused = kernels.gelu(approximate)
+        self.fused = None
+
+    def set_fused(self, on: bool) -> None:
+        """The fused kernel where it applies (``on``: see ``src.kernels.use_fused_kernels``), else MindSpore's ops."""
+        self.fused = kernels.gelu(self.approximate) if on else None
 
     def construct(self, x):
         if self.fused is not None and x.dtype == ms.float32:
@@ -221,17 +225,21 @@ class LayerNorm2d(nn.Cell):
     """LayerNorm over the channel axis of an NCHW tensor, computed in float32.
 
     Normalising over axis 1 directly avoids two NCHW<->NHWC transposes per call; float32 keeps the
-    statistics safe under float16 mixed precision. On CPU, float32 inputs go through the fused kernel of
-    ``src.kernels`` (MindSpore's reductions over axis 1 and their gradients took ~0.2 s of a CoAtNet-0
-    train step)."""
+    statistics safe under float16 mixed precision. After ``set_fused(True)``, float32 inputs go through the
+    fused CPU kernel of ``src.kernels`` (MindSpore's reductions over axis 1 and their gradients took ~0.2 s
+    of a CoAtNet-0 train step)."""
 
     def __init__(self, num_channels: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.gamma = Parameter(init.initializer("ones", (num_channels,), ms.float32), name="gamma")
         self.beta = Parameter(init.initializer("zeros", (num_channels,), ms.float32), name="beta")
-        self.fused = kernels.layernorm2d()
+        self.fused = None
         self.eps_tensor = Tensor(np.array([eps], np.float32))  # the kernel takes eps as a (1,) tensor
+
+    def set_fused(self, on: bool) -> None:
+        """The fused kernel where it applies (``on``: see ``src.kernels.use_fused_kernels``), else MindSpore's ops."""
+        self.fused = kernels.layernorm2d() if on else None
 
     def construct(self, x):
         if self.fused is not None and x.dtype == ms.float32:
@@ -257,22 +265,31 @@ def _norm2d(kind: str, channels: int, eps: float) -> nn.Cell:
 class BatchNormAct2d(nn.Cell):
     """BatchNorm2d followed by an optional activation (names match timm's BatchNormAct2d).
 
-    On CPU (float32) the normalisation is a fused kernel of ``src.kernels``, which also applies a GELU
-    activation itself (in training without storing the normalised tensor: the backward recomputes it).
-    In training the running statistics are updated here exactly as ``nn.BatchNorm2d`` does (unbiased
-    variance); in eval mode the kernel applies them as one per-channel scale and shift."""
+    After ``set_fused(True)``, on float32 inputs, the normalisation is a fused CPU kernel of ``src.kernels``
+    (``fused`` in training, ``fused_inference`` in eval mode), which also applies a GELU activation itself
+    (in training without storing the normalised tensor: the backward recomputes it). In training the
+    running statistics are updated here exactly as ``nn.BatchNorm2d`` does (unbiased variance); in eval
+    mode the kernel applies them as one per-channel scale and shift."""
 
     def __init__(self, channels: int, act: str | None, eps: float = 1e-5, momentum: float = 0.9):
         super().__init__()
         # MindSpore momentum is the weight of the old statistic: 0.9 == PyTorch's 0.1.
         self.bn = nn.BatchNorm2d(channels, eps=eps, momentum=momentum)
         self.act = _act(act) if act else None
+        self.act_name = act
         self.fused_act = act in _GELU_FORMS  # the kernels apply the activation themselves
-        self.fused = kernels.batchnorm(act if self.fused_act else None)  # (train, inference) or None
+        self.fused = self.fused_inference = None
         self.eps_tensor = Tensor(np.array([eps], np.float32))  # the kernels take eps as a (1,) tensor
 
+    def set_fused(self, on: bool) -> None:
+        """The fused kernels where they apply (``on``: see ``src.kernels.use_fused_kernels``), else MindSpore's ops."""
+        act = self.act_name if self.fused_act else None
+        train = kernels.batchnorm_train(act) if on else None
+        inference = kernels.batchnorm_inference(act) if train is not None else None
+        self.fused, self.fused_inference = (train, inference) if inference is not None else (None, None)
+
     def _fused_train(self, x):
-        y, mean, var = self.fused[0](x, self.bn.gamma, self.bn.beta, self.eps_tensor)
+        y, mean, var = self.fused(x, self.bn.gamma, self.bn.beta, self.eps_tensor)
         mean = ops.stop_gradient(mean)
         n = x.shape[0] * x.shape[2] * x.shape[3]
         var = ops.stop_gradient(var) * (n / max(n - 1, 1))
@@ -283,7 +300,7 @@ class BatchNormAct2d(nn.Cell):
 
     def _fused_inference(self, x):
         scale = self.bn.gamma / ops.sqrt(self.bn.moving_variance + self.eps_tensor)
-        return self.fused[1](x, scale, self.bn.beta - self.bn.moving_mean * scale)
+        return self.fused_inference(x, scale, self.bn.beta - self.bn.moving_mean * scale)
 
     def construct(self, x):
         if self.fused is not None and x.dtype == ms.float32:
@@ -309,12 +326,18 @@ def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, bias: b
 
 class DepthwiseConv2d(nn.Conv2d):
     """Depthwise k x k convolution without bias: an ``nn.Conv2d`` (same parameter, same padding as
-    ``_conv``) that runs the fused CPU kernel of ``src.kernels`` for 3x3 float32 inputs (stride 1
-    or 2) when it is available (MindSpore's grouped convolution was ~15 % of a CoAtNet-0 train step)."""
+    ``_conv``) that, after ``set_fused(True)``, runs the fused CPU kernel of ``src.kernels`` for 3x3 float32
+    inputs (stride 1 or 2) where it is available (MindSpore's grouped convolution was ~15 % of a CoAtNet-0
+    train step)."""
 
     def __init__(self, channels: int, k: int, stride: int = 1):
         super().__init__(channels, channels, k, stride=stride, group=channels, has_bias=False, **_padding(k, stride))
-        self.fused = kernels.depthwise_conv3x3(stride) if k == 3 and stride in (1, 2) else None
+        self.fused_stride = stride if k == 3 and stride in (1, 2) else None  # what the kernel covers
+        self.fused = None
+
+    def set_fused(self, on: bool) -> None:
+        """The fused kernel where it applies (``on``: see ``src.kernels.use_fused_kernels``), else MindSpore's ops."""
+        self.fused = kernels.depthwise_conv3x3(self.fused_stride) if on and self.fused_stride else None
 
     def construct(self, x):
         if self.fused is not None and x.dtype == ms.float32:
@@ -380,22 +403,29 @@ def spatial_mean(x):
 
 
 class ChannelGate(nn.Cell):
-    """``x * gate`` for a (B, C, 1, 1) gate. On CPU (float32) forward and backward are fused kernels
-    (``src.kernels.channel_gate``); otherwise the gradient sums ``dout * x`` over H, W with a
-    matrix-vector product (the broadcast-multiply gradient MindSpore derives is a slow CPU ReduceSum)."""
+    """``x * gate`` for a (B, C, 1, 1) gate. After ``set_fused(True)``, on float32 inputs, forward and
+    backward are fused CPU kernels (``src.kernels.channel_gate`` and ``channel_gate_grad``); otherwise the
+    gradient sums ``dout * x`` over H, W with a matrix-vector product (the broadcast-multiply gradient
+    MindSpore derives is a slow CPU ReduceSum)."""
 
     def __init__(self):
         super().__init__()
-        self.fused = kernels.channel_gate()
+        self.fused = self.fused_grad = None
+
+    def set_fused(self, on: bool) -> None:
+        """The fused kernels where they apply (``on``: see ``src.kernels.use_fused_kernels``), else MindSpore's ops."""
+        forward = kernels.channel_gate() if on else None
+        grad = kernels.channel_gate_grad() if forward is not None else None
+        self.fused, self.fused_grad = (forward, grad) if grad is not None else (None, None)
 
     def construct(self, x, gate):
         if self.fused is not None and x.dtype == ms.float32:
-            return self.fused[0](x, gate)
+            return self.fused(x, gate)
         return x * gate
 
     def bprop(self, x, gate, out, dout):
         if self.fused is not None and x.dtype == ms.float32:
-            return self.fused[1](dout, x, gate)
+            return self.fused_grad(dout, x, gate)
         b, c, h, w = x.shape
         ones = ops.ones((h * w, 1), x.dtype)
         dgate = ops.matmul((dout * x).reshape(b * c, h * w), ones).reshape(b, c, 1, 1)
@@ -403,12 +433,16 @@ class ChannelGate(nn.Cell):
 
 
 class Softmax(nn.Cell):
-    """Softmax over the last axis whose gradient is one fused pass on CPU (float32,
-    ``src.kernels.softmax_grad``), else ``y * (dy - sum(dy * y))``."""
+    """Softmax over the last axis whose gradient, after ``set_fused(True)``, is one fused CPU pass on float32
+    (``src.kernels.softmax_grad``), else ``y * (dy - sum(dy * y))``."""
 
     def __init__(self):
         super().__init__()
-        self.fused = kernels.softmax_grad()
+        self.fused = None
+
+    def set_fused(self, on: bool) -> None:
+        """The fused kernel where it applies (``on``: see ``src.kernels.use_fused_kernels``), else MindSpore's ops."""
+        self.fused = kernels.softmax_grad() if on else None
 
     def construct(self, x):
         return ops.softmax(x, axis=-1)
@@ -978,17 +1012,6 @@ class ExportLayerNorm2d(nn.Cell):
         y = xc / ops.sqrt(var + self.eps)
         y = y * self.gamma.reshape(1, -1, 1, 1) + self.beta.reshape(1, -1, 1, 1)
         return y.astype(dtype)
-
-
-def use_stock_ops(net: nn.Cell) -> nn.Cell:
-    """Make every cell of ``net`` with a fused CPU kernel (GELU, depthwise convolution, BatchNorm, SE
-    gate, attention softmax) use MindSpore's own ops instead, so a graph exported from it runs anywhere (a
-    Custom op would tie it to this machine's compiled library). Call before the network's first
-    graph-mode call or export; returns ``net``."""
-    for _, cell in net.cells_and_names():
-        if getattr(cell, "fused", None) is not None:  # every cell with a kernel keeps it in `fused`
-            cell.fused = None
-    return net
 
 
 def prepare_for_export(net: nn.Cell, erf_standin: bool = False) -> int:

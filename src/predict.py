@@ -150,12 +150,13 @@ def _open_checkpoint(config, path: str, meta: dict, batch_size: int) -> Model:
 
     from src.checkpoint import load_into
     from src.coatnet import create_model
+    from src.kernels import use_fused_kernels
     from src.utils import weights_for
 
     apply_metadata(config, meta)
     names = recorded_class_names(config, meta, config.num_classes, path + ".json")
     size = (config.image_height, config.image_width)
-    net = create_model(config.model_name, num_classes=config.num_classes, image_size=size)
+    net = use_fused_kernels(create_model(config.model_name, num_classes=config.num_classes, image_size=size))
     load_into(net, weights_for(net, path, config.use_ema),
               f"{path} as {config.model_name} with num_classes={config.num_classes}")
     net.set_train(False)
@@ -309,7 +310,7 @@ def _load(path: str, transform) -> np.ndarray | str:
     """The preprocessed image, or why it cannot be read."""
     from PIL import UnidentifiedImageError
 
-    from src.dataset import native_image_bytes
+    from src.image_decode import native_image_bytes
 
     try:
         with open(path, "rb") as f:

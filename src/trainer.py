@@ -24,6 +24,7 @@ from src.callbacks import CheckpointManager, MetricsWriter, StepLogger
 from src.cell_wrapper import TrainStep, drop_path_noise
 from src.checkpoint import EMA_PREFIX, CheckpointError, load_checkpoint, read_metadata, weights_fingerprint
 from src.coatnet import CoAtNet, create_model
+from src.kernels import use_fused_kernels
 from src.metrics import evaluate
 from src.precision import apply_precision
 from src.run_control import GracefulStop, RunLock, identity_differences, move_aside, run_identity
@@ -33,11 +34,13 @@ __all__ = ["build_model", "build_train_step", "StepParts", "train"]
 
 
 def build_model(config) -> CoAtNet:
-    """The configured variant; ``drop_path_rate`` -1 takes the variant's own rate."""
-    return create_model(config.model_name, num_classes=config.num_classes,
-                        image_size=(config.image_height, config.image_width),
-                        drop_path_rate=None if config.drop_path_rate < 0 else config.drop_path_rate,
-                        drop_rate=config.head_drop_rate)
+    """The configured variant with the fused CPU kernels where they apply; ``drop_path_rate`` -1 takes the
+    variant's own rate."""
+    net = create_model(config.model_name, num_classes=config.num_classes,
+                       image_size=(config.image_height, config.image_width),
+                       drop_path_rate=None if config.drop_path_rate < 0 else config.drop_path_rate,
+                       drop_rate=config.head_drop_rate)
+    return use_fused_kernels(net)
 
 
 def checkpoint_folder(config) -> str:
@@ -313,7 +316,7 @@ class _Training:
         return ds
 
     def _train_epoch(self, epoch: int, compiled: bool) -> dict:
-        from src.dataset import skipped_files
+        from src.image_decode import skipped_files
 
         config, run = self.config, self.run_ctx
         ds = self._epoch_dataset(epoch)

@@ -1,8 +1,13 @@
 """The fused CPU kernels (src/kernels) equal MindSpore's own ops, forward and backward, alone and in
-the model, and the model falls back to the stock ops when they cannot be built or are switched off."""
+the model; a model is built with the stock ops and compiles nothing until use_fused_kernels, which
+falls back to the stock ops when the kernels cannot be built or are switched off."""
 import logging
 import math
 import os
+import shlex
+import shutil
+import subprocess
+import sys
 
 import mindspore as ms
 import numpy as np
@@ -18,8 +23,10 @@ from src.coatnet import (
     LayerNorm2d,
     Softmax,
     create_model,
-    use_stock_ops,
 )
+from src.kernels import use_fused_kernels, use_stock_ops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FUSED_CELLS = (GELU, DepthwiseConv2d, ChannelGate, Softmax, BatchNormAct2d, LayerNorm2d)
 
@@ -74,11 +81,9 @@ def _assert_all_close(fused: list[np.ndarray], stock: list[np.ndarray]) -> None:
 
 
 def _kernel_or_stock(cell, fused: bool):
-    """``cell`` with its fused kernel (which must have built here), or switched to the stock ops."""
-    assert cell.fused is not None, "the fused kernel must build on the CPU test machine"
-    if not fused:
-        cell.fused = None
-    return cell
+    """``cell`` with its fused kernel (which must have built here), or switched back to the stock ops."""
+    assert use_fused_kernels(cell).fused is not None, "the fused kernel must build on the CPU test machine"
+    return cell if fused else use_stock_ops(cell)
 
 
 def _inputs() -> np.ndarray:
@@ -127,17 +132,19 @@ def test_unknown_gelu_form_or_batchnorm_activation_is_refused():
     with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh', got 'bogus'"):
         kernels.gelu("bogus")
     with pytest.raises(ValueError, match="act must be None, 'gelu' or 'gelu_tanh', got 'tanh'"):
-        kernels.batchnorm("tanh")
+        kernels.batchnorm_train("tanh")
+    with pytest.raises(ValueError, match="act must be None, 'gelu' or 'gelu_tanh', got 'tanh'"):
+        kernels.batchnorm_inference("tanh")
 
 
 def test_model_uses_fused_kernels_and_stock_ops_give_the_same_gradients():
     ms.set_context(mode=ms.GRAPH_MODE)
     ms.set_seed(0)
     # No stochastic depth: the two nets would drop different paths.
-    fused_net = create_model("coatnet_tiny", num_classes=5, image_size=32, drop_path_rate=0.0)
+    fused_net = use_fused_kernels(create_model("coatnet_tiny", num_classes=5, image_size=32, drop_path_rate=0.0))
     fusable = [c for _, c in fused_net.cells_and_names() if isinstance(c, FUSED_CELLS)]
     assert {type(c) for c in fusable} == set(FUSED_CELLS) and all(c.fused is not None for c in fusable)
-    stock_net = create_model("coatnet_tiny", num_classes=5, image_size=32, drop_path_rate=0.0)
+    stock_net = use_fused_kernels(create_model("coatnet_tiny", num_classes=5, image_size=32, drop_path_rate=0.0))
     ms.load_param_into_net(stock_net, {p.name: p for p in fused_net.get_parameters()}, strict_load=True)
     assert use_stock_ops(stock_net) is stock_net
     assert all(c.fused is None for _, c in stock_net.cells_and_names() if isinstance(c, FUSED_CELLS))
@@ -158,7 +165,7 @@ def test_model_uses_fused_kernels_and_stock_ops_give_the_same_gradients():
 def test_switched_off_by_environment(monkeypatch):
     monkeypatch.setenv("COATNET_CPU_KERNELS", "0")
     assert kernels.gelu() is None
-    assert create_model("coatnet_tiny", num_classes=5, image_size=32).stem.norm1.act.fused is None
+    assert use_fused_kernels(create_model("coatnet_tiny", num_classes=5, image_size=32)).stem.norm1.act.fused is None
 
 
 @pytest.fixture
@@ -169,6 +176,61 @@ def fresh_build():
     yield
     kernels._toolchain.cache_clear()
     kernels._build.cache_clear()
+
+
+def _recording_compiler(tmp_path) -> tuple[str, str]:
+    """A $CXX that appends each command line it is given to a log, then runs g++: (its path, the log's)."""
+    real = shutil.which("g++") or shutil.which("c++")
+    assert real, "the CPU test machine has a C++ compiler"
+    log, script = tmp_path / "compiler.log", tmp_path / "cxx"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {shlex.quote(str(log))}\nexec {shlex.quote(real)} "$@"\n')
+    script.chmod(0o755)
+    return str(script), str(log)
+
+
+def test_building_a_model_compiles_nothing_until_use_fused_kernels(monkeypatch, tmp_path, fresh_build):
+    cxx, log = _recording_compiler(tmp_path)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CXX", cxx)
+    monkeypatch.setenv("COATNET_KERNEL_CACHE", str(cache))
+    ms.set_context(device_target="CPU")
+    net = create_model("coatnet_tiny", num_classes=5, image_size=32)
+    fusable = [c for _, c in net.cells_and_names() if isinstance(c, FUSED_CELLS)]
+    assert {type(c) for c in fusable} == set(FUSED_CELLS) and all(c.fused is None for c in fusable)
+    assert not os.path.exists(log) and not cache.exists()  # no compiler ran, no library was looked for
+
+    assert use_fused_kernels(net) is net
+    assert all(c.fused is not None for c in fusable)
+    assert sorted(name.split("-")[0] for name in os.listdir(cache)) == ["batchnorm", "dwconv", "gelu", "layernorm",
+                                                                          "rows"]
+    with open(log, encoding="utf-8") as f:
+        assert sum("-shared" in line for line in f) == 5  # each library compiled once, here
+
+
+def test_the_trainers_model_has_the_fused_kernels():
+    """Training, evaluation and the train-step benchmark build their model with ``build_model``."""
+    from src.model_utils.config import load_config
+    from src.trainer import build_model
+
+    net = build_model(load_config(["--model_name=coatnet_tiny", "--num_classes=5", "--image_height=32",
+                                   "--image_width=32"]))
+    fusable = [c for _, c in net.cells_and_names() if isinstance(c, FUSED_CELLS)]
+    assert {type(c) for c in fusable} == set(FUSED_CELLS) and all(c.fused is not None for c in fusable)
+
+
+def test_the_converter_builds_no_kernels(tmp_path):
+    from timm_ref import save_safetensors, timm_model
+
+    cxx, log = _recording_compiler(tmp_path)
+    cache = tmp_path / "cache"
+    src = save_safetensors(timm_model("coatnet_nano_rw_224"), str(tmp_path / "nano.safetensors"))
+    dst = tmp_path / "nano.ckpt"
+    res = subprocess.run([sys.executable, "-m", "src.convert_timm", "--model", "coatnet_nano_rw_224", "--src", src,
+                          "--dst", str(dst)], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "CXX": cxx, "COATNET_KERNEL_CACHE": str(cache)})
+    assert res.returncode == 0, res.stderr
+    assert dst.exists()
+    assert not os.path.exists(log) and not cache.exists()
 
 
 def test_without_a_working_compiler_warns_and_falls_back(monkeypatch, tmp_path, caplog, fresh_build):
@@ -305,22 +367,23 @@ def test_fused_batchnorm_act_equals_stock_in_training_and_eval(shape, act):
 
 class _BatchNormGeluTanh(nn.Cell):
     """``nn.BatchNorm2d`` then ``ops.gelu(approximate="tanh")`` or, when ``fused``, the kernels of
-    ``kernels.batchnorm("gelu_tanh")`` on the same parameters: the batch statistics in training (leaving the
-    running ones alone), the running ones in eval."""
+    ``kernels.batchnorm_train("gelu_tanh")`` and ``batchnorm_inference`` on the same parameters: the batch
+    statistics in training (leaving the running ones alone), the running ones in eval."""
 
     def __init__(self, channels: int, eps: float, fused: bool):
         super().__init__()
         self.bn = nn.BatchNorm2d(channels, eps=eps)
-        self.fused = kernels.batchnorm("gelu_tanh") if fused else None
+        self.fused = kernels.batchnorm_train("gelu_tanh") if fused else None
+        self.fused_inference = kernels.batchnorm_inference("gelu_tanh") if fused else None
         self.eps = ms.Tensor(np.array([eps], np.float32))
 
     def construct(self, x):
         if self.fused is None:
             return ops.gelu(self.bn(x), approximate="tanh")
         if self.training:
-            return self.fused[0](x, self.bn.gamma, self.bn.beta, self.eps)[0]
+            return self.fused(x, self.bn.gamma, self.bn.beta, self.eps)[0]
         scale = self.bn.gamma / ops.sqrt(self.bn.moving_variance + self.eps)
-        return self.fused[1](x, scale, self.bn.beta - self.bn.moving_mean * scale)
+        return self.fused_inference(x, scale, self.bn.beta - self.bn.moving_mean * scale)
 
 
 @pytest.mark.parametrize("shape", [(4, 3, 5, 7), (2, 16, 28, 28), (3, 2, 1, 1)])
@@ -339,7 +402,8 @@ def test_fused_batchnorm_gelu_tanh_equals_stock_in_training_and_eval(shape):
     results = []
     for fused in (True, False):
         cell = _BatchNormGeluTanh(channels, eps=1e-3, fused=fused)
-        assert not fused or cell.fused is not None, "the fused kernel must build on the CPU test machine"
+        assert not fused or None not in (cell.fused, cell.fused_inference), \
+            "the fused kernel must build on the CPU test machine"
         cell.bn.gamma.set_data(ms.Tensor(gamma))
         cell.bn.beta.set_data(ms.Tensor(beta))
         out = []
@@ -353,7 +417,7 @@ def test_fused_batchnorm_gelu_tanh_equals_stock_in_training_and_eval(shape):
     _assert_all_close(*results)
 
     x = steps[0][1]
-    _, mean, var = kernels.batchnorm("gelu_tanh")[0](ms.Tensor(x), ms.Tensor(gamma), ms.Tensor(beta),
+    _, mean, var = kernels.batchnorm_train("gelu_tanh")(ms.Tensor(x), ms.Tensor(gamma), ms.Tensor(beta),
                                                      ms.Tensor(np.array([1e-3], np.float32)))
     np.testing.assert_allclose(mean.asnumpy(), x.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(var.asnumpy(), x.var(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)

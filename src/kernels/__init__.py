@@ -1,14 +1,21 @@
-"""Fused CPU kernels, compiled from the C++ sources next to this file on first use.
+"""Fused CPU kernels, compiled from the C++ sources next to this file when first asked for.
 
-``gelu()``, ``depthwise_conv3x3()``, ``batchnorm()``, ``layernorm2d()``, ``softmax_grad()`` and
-``channel_gate()`` return MindSpore ``Custom`` ops (func_type "aot"; the first four with their gradients
-attached), or ``None`` when they cannot or should not be used: the device target is not CPU,
-``COATNET_CPU_KERNELS=0`` is set, or no C++ compiler builds them (then a warning says why and the
-model keeps MindSpore's own ops). Results equal the stock ops' within float32 rounding
+A model is built with MindSpore's own ops (``src.coatnet.create_model`` compiles nothing);
+``use_fused_kernels(net)`` swaps these kernels into the cells that have one (GELU, LayerNorm2d,
+BatchNormAct2d, DepthwiseConv2d, ChannelGate, Softmax), and ``use_stock_ops(net)`` swaps them out again.
+
+Every getter has one shape: it returns one MindSpore ``Custom`` op (func_type "aot"), or None when the
+kernel cannot or should not be used: the device target is not CPU, ``COATNET_CPU_KERNELS=0`` is set, or
+no C++ compiler builds it (then a warning says why and the model keeps MindSpore's ops). A forward op
+carries its gradient (``bprop``), so it differentiates as the stock op it replaces; ``channel_gate_grad``
+and ``softmax_grad`` are gradients alone, for the two cells whose stock path needs a hand-written
+``bprop`` too (a cell's ``bprop`` replaces everything inside it). The ops take float32 tensors; the
+cells call them only on float32 inputs. Results equal the stock ops' within float32 rounding
 (tests/test_kernels.py).
 
-GELU comes in the two forms of ``ops.gelu``: exact (``gelu("none")``, ``batchnorm("gelu")``) and the tanh
-approximation that MindSpore's ``nn.GELU()`` computes (``gelu("tanh")``, ``batchnorm("gelu_tanh")``).
+GELU comes in the two forms of ``ops.gelu``: exact (``gelu("none")``, ``batchnorm_*("gelu")``) and the
+tanh approximation that MindSpore's ``nn.GELU()`` computes (``gelu("tanh")``, ``batchnorm_*("gelu_tanh")``).
+Its derivative is written once, in ``gelu.h``.
 
 The shared library is cached under ``$COATNET_KERNEL_CACHE`` (default ``~/.cache/coatnet_mindspore``),
 keyed by the source, the compiler and the CPU's flags (it is built with ``-march=native``), and is
@@ -24,13 +31,38 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from typing import TYPE_CHECKING
 
-__all__ = ["batchnorm", "channel_gate", "depthwise_conv3x3", "gelu", "kernels_enabled", "layernorm2d",
-           "softmax_grad"]
+if TYPE_CHECKING:
+    from mindspore import nn, ops
+
+__all__ = ["batchnorm_inference", "batchnorm_train", "channel_gate", "channel_gate_grad", "depthwise_conv3x3",
+           "gelu", "kernels_enabled", "layernorm2d", "softmax_grad", "use_fused_kernels", "use_stock_ops"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _FLAGS = ["-std=c++17", "-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-pthread"]
 _log = logging.getLogger(__name__)
+
+
+def use_fused_kernels(net: nn.Cell) -> nn.Cell:
+    """Make every cell of ``net`` that has a fused CPU kernel (a ``set_fused`` method) run it where it
+    applies: CPU device target, ``COATNET_CPU_KERNELS`` not 0, a compiler that builds it, float32 inputs
+    (checked at each call). Builds the libraries or takes them from the cache. Call after the device
+    target is set and before the network's first graph-mode call; returns ``net``."""
+    for _, cell in net.cells_and_names():
+        if hasattr(cell, "set_fused"):
+            cell.set_fused(True)
+    return net
+
+
+def use_stock_ops(net: nn.Cell) -> nn.Cell:
+    """Make every cell of ``net`` use MindSpore's own ops again (as built), so a graph exported from it runs
+    anywhere (a Custom op would tie it to this machine's compiled library). Call before the network's first
+    graph-mode call or export; returns ``net``."""
+    for _, cell in net.cells_and_names():
+        if hasattr(cell, "set_fused"):
+            cell.set_fused(False)
+    return net
 
 
 def kernels_enabled() -> bool:
@@ -103,48 +135,59 @@ def _build(source: str) -> str | None:
     return lib
 
 
-def _ops(source: str, make, *args):
-    """``make(library, *args)`` for the library built from ``source``, or None (see the module docstring)."""
+def _op(sources: tuple[str, ...], make, *args) -> ops.Custom | None:
+    """``make(*libraries, *args)`` for the libraries built from ``sources``, or None (see the module
+    docstring). Every getter ends here."""
     if not kernels_enabled():
         return None
-    lib = _build(source)
-    return make(lib, *args) if lib else None
+    libs = [_build(source) for source in sources]
+    return make(*libs, *args) if all(libs) else None
 
 
+def _custom(lib: str, name: str, out_shape, out_dtype, bprop=None):
+    from mindspore import ops
+
+    return ops.Custom(f"{lib}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot", bprop=bprop)
+
+
+# --------------------------------------------------------------------------------------------------
+# GELU
+# --------------------------------------------------------------------------------------------------
 _GELU_KERNELS = {"none": "Gelu", "tanh": "GeluTanh"}  # ops.gelu's approximate -> kernel name in gelu.cc
 
 
 @functools.cache
-def _gelu_ops(lib: str, approximate: str):
-    from mindspore import ops
+def _gelu_backward(lib: str, approximate: str):
+    """``op(dy, x) = dy * GELU'(x)``: the one GELU derivative (gelu.h), also behind the gradient of a fused
+    BatchNorm + GELU in eval mode."""
+    return _custom(lib, f"{_GELU_KERNELS[approximate]}Backward", lambda dy, x: x, lambda dy, x: x)
 
-    kind = _GELU_KERNELS[approximate]
-    backward = ops.Custom(f"{lib}:{kind}Backward", out_shape=lambda dy, x: x, out_dtype=lambda dy, x: x,
-                          func_type="aot")
+
+@functools.cache
+def _gelu_op(lib: str, approximate: str):
+    backward = _gelu_backward(lib, approximate)
 
     def bprop(x, out, dout):
         return (backward(dout, x),)
 
-    return ops.Custom(f"{lib}:{kind}Forward", out_shape=lambda x: x, out_dtype=lambda x: x, func_type="aot",
-                      bprop=bprop)
+    return _custom(lib, f"{_GELU_KERNELS[approximate]}Forward", lambda x: x, lambda x: x, bprop)
 
 
-def gelu(approximate: str = "none"):
-    """The fused GELU op for float32 CPU tensors, ``ops.gelu(x, approximate)``: exact (``"none"``) or
-    MindSpore's tanh approximation (``"tanh"``, as ``nn.GELU()``); or None (see the module docstring)."""
+def gelu(approximate: str = "none") -> ops.Custom | None:
+    """``op(x) = ops.gelu(x, approximate)``: exact (``"none"``) or MindSpore's tanh approximation
+    (``"tanh"``, as ``nn.GELU()``); or None (see the module docstring)."""
     if approximate not in _GELU_KERNELS:
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-    return _ops("gelu.cc", _gelu_ops, approximate)
+    return _op(("gelu.cc",), _gelu_op, approximate)
 
 
+# --------------------------------------------------------------------------------------------------
+# Depthwise 3x3 convolution
+# --------------------------------------------------------------------------------------------------
 @functools.cache
-def _depthwise_ops(lib: str, stride: int):
-    from mindspore import ops
-
-    backward_input = ops.Custom(f"{lib}:DwConv3x3BackwardInput", out_shape=lambda dy, w, x: x,
-                                out_dtype=lambda dy, w, x: x, func_type="aot")
-    backward_filter = ops.Custom(f"{lib}:DwConv3x3BackwardFilter", out_shape=lambda dy, x: [x[1], 1, 3, 3],
-                                 out_dtype=lambda dy, x: x, func_type="aot")
+def _depthwise_op(lib: str, stride: int):
+    backward_input = _custom(lib, "DwConv3x3BackwardInput", lambda dy, w, x: x, lambda dy, w, x: x)
+    backward_filter = _custom(lib, "DwConv3x3BackwardFilter", lambda dy, x: [x[1], 1, 3, 3], lambda dy, x: x)
 
     def bprop(x, weight, out, dout):
         return backward_input(dout, weight, x), backward_filter(dout, x)
@@ -153,119 +196,132 @@ def _depthwise_ops(lib: str, stride: int):
         return [x[0], x[1], (x[2] - 1) // stride + 1, (x[3] - 1) // stride + 1]
 
     # One function name per stride: MindSpore keys a Custom op's shape inference by its name.
-    return ops.Custom(f"{lib}:DwConv3x3Stride{stride}Forward", out_shape=out_shape, out_dtype=lambda x, w: x,
-                      func_type="aot", bprop=bprop)
+    return _custom(lib, f"DwConv3x3Stride{stride}Forward", out_shape, lambda x, w: x, bprop)
 
 
-def depthwise_conv3x3(stride: int = 1):
-    """The fused depthwise 3x3 convolution (padding 1, no bias, ``stride`` 1 or 2) for float32 CPU
-    tensors, called as ``op(x, weight)`` with weight (C, 1, 3, 3), or None (see the module docstring)."""
+def depthwise_conv3x3(stride: int = 1) -> ops.Custom | None:
+    """``op(x, weight)``: depthwise 3x3 convolution, padding 1, no bias, ``stride`` 1 or 2, weight
+    (C, 1, 3, 3); or None (see the module docstring)."""
     if stride not in (1, 2):
         raise ValueError(f"depthwise_conv3x3: stride must be 1 or 2, got {stride}")
-    return _ops("dwconv.cc", _depthwise_ops, stride)
+    return _op(("dwconv.cc",), _depthwise_op, stride)
+
+
+# --------------------------------------------------------------------------------------------------
+# Row-wise ops: the SE channel gate and the attention softmax's gradient
+# --------------------------------------------------------------------------------------------------
+@functools.cache
+def _channel_gate_grad_op(lib: str):
+    return _custom(lib, "ChannelGateBackward", lambda dy, x, g: (x, g), lambda dy, x, g: (x, g))
 
 
 @functools.cache
-def _rows_ops(lib: str):
-    from mindspore import ops
+def _channel_gate_op(lib: str):
+    backward = _channel_gate_grad_op(lib)
 
-    softmax_grad = ops.Custom(f"{lib}:SoftmaxBackward", out_shape=lambda y, dy: y, out_dtype=lambda y, dy: y,
-                              func_type="aot")
-    gate_forward = ops.Custom(f"{lib}:ChannelGateForward", out_shape=lambda x, g: x, out_dtype=lambda x, g: x,
-                              func_type="aot")
-    gate_backward = ops.Custom(f"{lib}:ChannelGateBackward", out_shape=lambda dy, x, g: (x, g),
-                               out_dtype=lambda dy, x, g: (x, g), func_type="aot")
-    return softmax_grad, (gate_forward, gate_backward)
+    def bprop(x, gate, out, dout):
+        return backward(dout, x, gate)
+
+    return _custom(lib, "ChannelGateForward", lambda x, g: x, lambda x, g: x, bprop)
 
 
-def softmax_grad():
-    """``op(y, dy)``: the gradient of a softmax over the last axis from its output ``y``, for float32
-    CPU tensors, or None (see the module docstring)."""
-    ops = _ops("rows.cc", _rows_ops)
-    return ops[0] if ops else None
+def channel_gate() -> ops.Custom | None:
+    """``op(x, gate) = x * gate`` for x (B, C, H, W) and gate (B, C, 1, 1); or None."""
+    return _op(("rows.cc",), _channel_gate_op)
 
 
-def channel_gate():
-    """``(forward, backward)``: ``forward(x, gate) = x * gate`` for x (B, C, H, W) and gate (B, C, 1, 1),
-    ``backward(dy, x, gate) = (dy * gate, sum_hw(dy * x))``, for float32 CPU tensors; or None."""
-    ops = _ops("rows.cc", _rows_ops)
-    return ops[1] if ops else None
+def channel_gate_grad() -> ops.Custom | None:
+    """``op(dy, x, gate) = (dy * gate, sum over H, W of dy * x)``: the gradient of ``channel_gate``; or None."""
+    return _op(("rows.cc",), _channel_gate_grad_op)
 
 
-# batchnorm()'s act -> kernel name in batchnorm.cc
+@functools.cache
+def _softmax_grad_op(lib: str):
+    return _custom(lib, "SoftmaxBackward", lambda y, dy: y, lambda y, dy: y)
+
+
+def softmax_grad() -> ops.Custom | None:
+    """``op(y, dy)``: the gradient of a softmax over the last axis from its output ``y``; or None."""
+    return _op(("rows.cc",), _softmax_grad_op)
+
+
+# --------------------------------------------------------------------------------------------------
+# BatchNorm (+ GELU) and LayerNorm over channels
+# --------------------------------------------------------------------------------------------------
+# batchnorm_*()'s act -> kernel name in batchnorm.cc, and the GELU form it applies
 _BATCHNORM_KERNELS = {None: "BatchNorm", "gelu": "BatchNormGelu", "gelu_tanh": "BatchNormGeluTanh"}
+_BATCHNORM_GELU = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
+def _check_act(act: str | None) -> None:
+    if act not in _BATCHNORM_KERNELS:
+        raise ValueError(f"batchnorm: act must be None, 'gelu' or 'gelu_tanh', got {act!r}")
 
 
 @functools.cache
-def _batchnorm_ops(lib: str, act: str | None):
+def _batchnorm_train_op(lib: str, act: str | None):
     from mindspore import ops
 
     kind = _BATCHNORM_KERNELS[act]
-    backward = ops.Custom(f"{lib}:{kind}TrainBackward", out_shape=lambda dy, x, g, b, m, v, e: (x, g, g),
-                          out_dtype=lambda dy, x, g, b, m, v, e: (x, g, g), func_type="aot")
+    backward = _custom(lib, f"{kind}TrainBackward", lambda dy, x, g, b, m, v, e: (x, g, g),
+                       lambda dy, x, g, b, m, v, e: (x, g, g))
 
-    def train_bprop(x, gamma, beta, eps, out, dout):
+    def bprop(x, gamma, beta, eps, out, dout):
         dx, dgamma, dbeta = backward(dout[0], x, gamma, beta, out[1], out[2], eps)
         return dx, dgamma, dbeta, ops.zeros_like(eps)
 
-    train = ops.Custom(f"{lib}:{kind}TrainForward", out_shape=lambda x, g, b, e: (x, g, g),
-                       out_dtype=lambda x, g, b, e: (x, g, g), func_type="aot", bprop=train_bprop)
-
-    def gelu_derivative(z):
-        if act == "gelu":
-            return 0.5 * (1.0 + ops.erf(z * 0.7071067811865476)) + z * ops.exp(-0.5 * z * z) * 0.3989422804014327
-        # 0.5 (1 + tanh u) = sigmoid(2u), u = sqrt(2/pi) (z + 0.044715 z^3); d/dz = s + z 2 u'(z) s (1 - s).
-        # Not through ops.tanh: MindSpore 2.10's CPU tanh is a rational approximation, 1e-4 off near |u| = 5
-        # and exactly +-1 beyond, which 1 + tanh u and 1 - tanh^2 u turn into gradients ~5e-3 off
-        # (test_fused_batchnorm_gelu_tanh_equals_stock_in_training_and_eval). 1 - s as sigmoid(-2u): no
-        # cancellation either.
-        two_u = 1.5957691216057308 * (z + 0.044715 * z * z * z)
-        s = ops.sigmoid(two_u)
-        return s + z * 1.5957691216057308 * (1.0 + 0.134145 * z * z) * s * ops.sigmoid(-two_u)
-
-    def inference_bprop(x, scale, shift, out, dout):
-        # Only for gradients through a BatchNorm in eval mode (frozen statistics): stock ops suffice.
-        scale, shift = scale.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1)
-        dz = dout
-        if act is not None:
-            dz = dout * gelu_derivative(x * scale + shift)
-        return dz * scale, (dz * x).sum(axis=(0, 2, 3)), dz.sum(axis=(0, 2, 3))
-
-    inference = ops.Custom(f"{lib}:{kind}InferenceForward", out_shape=lambda x, s, t: x,
-                           out_dtype=lambda x, s, t: x, func_type="aot", bprop=inference_bprop)
-    return train, inference
+    return _custom(lib, f"{kind}TrainForward", lambda x, g, b, e: (x, g, g), lambda x, g, b, e: (x, g, g), bprop)
 
 
-def batchnorm(act: str | None = None):
-    """``(train, inference)`` for BatchNorm of an NCHW float32 CPU tensor followed by ``act`` (None, "gelu":
-    exact GELU, or "gelu_tanh": its tanh form); or None. ``train(x, gamma, beta, eps) -> (y, batch_mean,
-    batch_var)`` normalises with the batch statistics (``eps`` a (1,) tensor, ``batch_var`` biased);
-    ``inference(x, scale, shift) -> y`` is ``act(x * scale + shift)`` with per-channel ``scale`` and
-    ``shift``."""
-    if act not in _BATCHNORM_KERNELS:
-        raise ValueError(f"batchnorm: act must be None, 'gelu' or 'gelu_tanh', got {act!r}")
-    return _ops("batchnorm.cc", _batchnorm_ops, act)
+def batchnorm_train(act: str | None = None) -> ops.Custom | None:
+    """``op(x, gamma, beta, eps) -> (y, batch_mean, batch_var)``: BatchNorm of an NCHW tensor with its batch
+    statistics (``eps`` a (1,) tensor, ``batch_var`` biased), then ``act`` (None, "gelu": exact GELU, or
+    "gelu_tanh": its tanh form); or None."""
+    _check_act(act)
+    return _op(("batchnorm.cc",), _batchnorm_train_op, act)
 
 
 @functools.cache
-def _layernorm2d_ops(lib: str):
+def _batchnorm_inference_op(lib: str, gelu_lib: str | None, act: str | None):
+    gelu_backward = _gelu_backward(gelu_lib, _BATCHNORM_GELU[act]) if act is not None else None
+
+    def bprop(x, scale, shift, out, dout):
+        # Only for gradients through a BatchNorm in eval mode (frozen statistics): no fused pass needed.
+        scale, shift = scale.reshape(1, -1, 1, 1), shift.reshape(1, -1, 1, 1)
+        dz = dout if gelu_backward is None else gelu_backward(dout, x * scale + shift)
+        return dz * scale, (dz * x).sum(axis=(0, 2, 3)), dz.sum(axis=(0, 2, 3))
+
+    return _custom(lib, f"{_BATCHNORM_KERNELS[act]}InferenceForward", lambda x, s, t: x, lambda x, s, t: x, bprop)
+
+
+def batchnorm_inference(act: str | None = None) -> ops.Custom | None:
+    """``op(x, scale, shift) = act(x * scale + shift)`` with per-channel ``scale`` and ``shift`` (BatchNorm's
+    running statistics folded in), ``act`` as for ``batchnorm_train``; or None."""
+    _check_act(act)
+    if act is None:
+        return _op(("batchnorm.cc",), lambda lib: _batchnorm_inference_op(lib, None, None))
+    return _op(("batchnorm.cc", "gelu.cc"), _batchnorm_inference_op, act)
+
+
+@functools.cache
+def _layernorm2d_op(lib: str):
     from mindspore import ops
 
     def stats_shape(x):
         return [x[0], 1, x[2], x[3]]
 
-    backward = ops.Custom(f"{lib}:LayerNorm2dBackward", out_shape=lambda dy, x, g, m, r: (x, g, g),
-                          out_dtype=lambda dy, x, g, m, r: (x, g, g), func_type="aot")
+    backward = _custom(lib, "LayerNorm2dBackward", lambda dy, x, g, m, r: (x, g, g),
+                       lambda dy, x, g, m, r: (x, g, g))
 
     def bprop(x, gamma, beta, eps, out, dout):
         dx, dgamma, dbeta = backward(dout[0], x, gamma, out[1], out[2])
         return dx, dgamma, dbeta, ops.zeros_like(eps)
 
-    return ops.Custom(f"{lib}:LayerNorm2dForward", out_shape=lambda x, g, b, e: (x, stats_shape(x), stats_shape(x)),
-                      out_dtype=lambda x, g, b, e: (x, x, x), func_type="aot", bprop=bprop)
+    return _custom(lib, "LayerNorm2dForward", lambda x, g, b, e: (x, stats_shape(x), stats_shape(x)),
+                   lambda x, g, b, e: (x, x, x), bprop)
 
 
-def layernorm2d():
-    """``op(x, gamma, beta, eps) -> (y, mean, rstd)``: LayerNorm over the channel axis of an NCHW float32
-    CPU tensor (``eps`` a (1,) tensor; ``mean`` and ``rstd`` (B, 1, H, W), kept for the gradient); or None."""
-    return _ops("layernorm.cc", _layernorm2d_ops)
+def layernorm2d() -> ops.Custom | None:
+    """``op(x, gamma, beta, eps) -> (y, mean, rstd)``: LayerNorm over the channel axis of an NCHW tensor
+    (``eps`` a (1,) tensor; ``mean`` and ``rstd`` (B, 1, H, W), kept for the gradient); or None."""
+    return _op(("layernorm.cc",), _layernorm2d_op)
