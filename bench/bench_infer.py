@@ -107,9 +107,10 @@ def _worker(args) -> dict:
 
     from export import export_network
     from src.coatnet import create_model
+    from src.kernels import use_fused_kernels
 
     ms.set_seed(0)
-    net = create_model(args.model, image_size=args.image_size)
+    net = use_fused_kernels(create_model(args.model, image_size=args.image_size))
     net.set_train(False)
     np.save(ref_path, net(xt).asnumpy())
     img_s = args.batch_size / median_time(lambda: net(xt).asnumpy(), args.iters)

@@ -20,6 +20,7 @@ def main() -> None:
     import torch
 
     from src.coatnet import TIMM_MODELS, create_model
+    from src.kernels import use_fused_kernels
 
     if args.model not in TIMM_MODELS:
         ap.error(f"--model must be a timm-named variant ({', '.join(TIMM_MODELS)})")
@@ -34,7 +35,7 @@ def main() -> None:
 
     x = np.random.RandomState(0).randn(args.batch_size, 3, args.image_size, args.image_size).astype(np.float32)
     ms.set_context(mode=ms.GRAPH_MODE, jit_config={"jit_level": "O1"})
-    net = create_model(args.model, image_size=args.image_size)
+    net = use_fused_kernels(create_model(args.model, image_size=args.image_size))
     net.set_train(False)
     xt = ms.Tensor(x)
     t_ms = median_time(lambda: net(xt).asnumpy(), args.iters)

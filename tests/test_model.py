@@ -9,6 +9,7 @@ from timm_ref import save_safetensors, timm_logits, timm_model
 from src.checkpoint import load_into
 from src.coatnet import MODEL_CFGS, TIMM_MODELS, create_model, resize_rel_pos_bias_table, resize_rel_pos_tables
 from src.convert_timm import convert, map_state_dict
+from src.kernels import use_fused_kernels
 
 # Forward parity for these; coatnet_3_224 / coatnet_4_224 (167 M / 275 M params) are checked shape-only
 # (param counts + a complete, shape-checked name mapping) to keep the suite within its time budget.
@@ -57,7 +58,7 @@ def test_logits_match_timm_after_conversion(name, tmp_path):
     ref = timm_model(name)
     src = save_safetensors(ref, str(tmp_path / "w.safetensors"))
     params = convert(name, src, str(tmp_path / "w.ckpt"))
-    net = create_model(name)
+    net = use_fused_kernels(create_model(name))  # as eval.py and infer.py build it (on CPU: the fused kernels)
     net.set_train(False)
     load_into(net, params)
     x = _input(224)
@@ -175,7 +176,8 @@ def test_gradients_match_timm_in_training_mode(tmp_path):
     name = "coatnet_0_224"
     ref = timm_model(name).train()
     params = convert(name, save_safetensors(ref, str(tmp_path / "w.safetensors")), str(tmp_path / "w.ckpt"))
-    net = create_model(name, drop_path_rate=0.0)  # as timm's, which has no stochastic depth unless asked
+    # As the trainer builds it (on CPU: the fused kernels); no stochastic depth, as timm's unless asked.
+    net = use_fused_kernels(create_model(name, drop_path_rate=0.0))
     load_into(net, params)
     net.set_train(True)
     x = _input(224)

@@ -103,7 +103,7 @@ def test_plot_metrics_draws_the_curves(trained, tmp_path):
     from PIL import Image
 
     img = Image.open(png)
-    assert img.size == (1260, 300)
+    assert img.size == (1500, 520)
     assert len(set(img.convert("RGB").getdata())) > 3  # more than background and frame
 
 
