@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import types
 import uuid
@@ -260,6 +261,51 @@ def test_client_error_is_reported_at_once_without_retries(obs_env):
         with pytest.raises(ObsError, match=r"obs://no-such-bucket-x1/imagenet/ .*HTTP 404 NoSuchBucket"):
             transfer.download_prefix("obs://no-such-bucket-x1/imagenet", "unused")
         assert transfer.attempts == 1
+
+
+def _pool_transfer(workers: int) -> ObsTransfer:
+    return ObsTransfer(ObsSettings(endpoint=f"http://127.0.0.1:{closed_port()}", workers=workers),
+                       ObsCredentials(ACCESS_KEY, SECRET_KEY, None))
+
+
+def test_parallel_transfers_run_every_job_once_on_several_threads():
+    ran: list[tuple[int, str]] = []
+    both_running = threading.Barrier(2, timeout=120)  # the timeout only turns a hang into a failure
+
+    def work(job: int) -> None:
+        if job < 2:
+            both_running.wait()  # jobs 0 and 1 at the same time: the pool really runs in parallel
+        ran.append((job, threading.current_thread().name))
+
+    with _pool_transfer(workers=4) as transfer:
+        transfer.run_parallel(work, list(range(40)))
+    assert sorted(job for job, _ in ran) == list(range(40))
+    names = {name for _, name in ran}
+    assert len(names) >= 2 and all(name.startswith("obs-sync") for name in names)
+
+
+def test_first_parallel_failure_stops_the_jobs_not_started_and_waits_for_the_running_ones():
+    started, finished = [], []
+    failed = threading.Event()
+
+    def work(job: int) -> None:
+        started.append(job)
+        if job == 1:
+            failed.set()
+            raise ObsError("OBS upload of obs://b/k1 failed: HTTP 403 AccessDenied")
+        if job == 0:
+            failed.wait(timeout=120)
+            time.sleep(0.05)  # still running when job 1 fails: the caller must wait for it
+        time.sleep(0.001)
+        finished.append(job)
+
+    with _pool_transfer(workers=2) as transfer:
+        with pytest.raises(ObsError, match="obs://b/k1 failed: HTTP 403"):
+            transfer.run_parallel(work, list(range(1000)))
+        assert sorted(finished) == sorted(j for j in started if j != 1)  # nothing left running behind the error
+        assert 0 in finished and len(started) < 20  # jobs queued behind the failure never start
+        transfer.run_parallel(lambda job: finished.append(job), [-1, -2])  # the transfer stays usable
+    assert finished[-2:] in ([-1, -2], [-2, -1])
 
 
 def test_missing_keys_stop_the_wrapper_before_the_run(obs_env, monkeypatch, tmp_path):

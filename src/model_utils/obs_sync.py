@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -372,35 +373,30 @@ class ObsTransfer:
         return [key for _, key, _ in jobs]
 
     def run_parallel(self, work: Callable[[Any], None], jobs: list[Any]) -> None:
-        """Run `work` over `jobs` on a few threads; the first failure stops the others from taking new jobs
-        and is raised once the running ones are done."""
+        """Run `work` over `jobs` on a few threads, started in the order given; the first failure stops the
+        jobs not yet started and is raised once the running ones are done."""
         if self.settings.workers == 1 or len(jobs) <= 1:
             for job in jobs:
                 work(job)
             return
-        pending = iter(jobs)
-        lock = threading.Lock()
         failures: list[BaseException] = []
+        futures: list[Future] = []
 
-        def worker() -> None:
-            while True:
-                with lock:
-                    job = None if failures else next(pending, None)
-                if job is None:
-                    return
-                try:
-                    work(job)
-                except BaseException as exc:  # handed to the caller's thread below
-                    with lock:
-                        failures.append(exc)
-                    return
+        def stop_on_failure(future: Future) -> None:
+            # Called in the failed job's thread before that thread takes another job; a cancelled future
+            # is one that no thread will start.
+            if not future.cancelled() and future.exception() is not None:
+                failures.append(future.exception())
+                for other in list(futures):
+                    other.cancel()
 
-        threads = [threading.Thread(target=worker, name=f"obs-sync-{i}", daemon=True)
-                   for i in range(min(self.settings.workers, len(jobs)))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        with ThreadPoolExecutor(max_workers=min(self.settings.workers, len(jobs)),
+                                thread_name_prefix="obs-sync") as pool:  # leaving it waits for the running jobs
+            for job in jobs:
+                if failures:
+                    break
+                futures.append(pool.submit(work, job))
+                futures[-1].add_done_callback(stop_on_failure)
         if failures:
             raise failures[0]
 
