@@ -138,7 +138,7 @@ def canonical_names(net: nn.Cell) -> dict[int, str]:
 
 def cli_main(run, argv=None) -> int:
     """Run an entry point; a bad config, checkpoint or dataset, a file or folder that cannot be written or read
-    (``src.fs_errors``) and a data error inside a MindSpore pipeline (``src.dataset.pipeline_error``) end it
+    (``src.fs_errors``) and a data error inside a MindSpore pipeline (``src.image_decode.pipeline_error``) end it
     with one line on stderr and exit code 2 instead of a traceback."""
     import sys
 
@@ -155,8 +155,8 @@ def cli_main(run, argv=None) -> int:
             raise  # not a file system call (e.g. a library that fails to load): its traceback is the report
         message = describe(exc)
     except RuntimeError as exc:
-        dataset = sys.modules.get("src.dataset")  # loaded if a pipeline ran
-        cause = dataset.pipeline_error(exc) if dataset is not None else None
+        image_decode = sys.modules.get("src.image_decode")  # loaded if a pipeline ran
+        cause = image_decode.pipeline_error(exc) if image_decode is not None else None
         if cause is None:
             raise
         message = str(cause)

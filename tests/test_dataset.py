@@ -20,11 +20,9 @@ from src.dataset import (
     dataset_from_config,
     eval_geometry,
     mixup_soft_targets,
-    native_decode_refusal,
-    reset_skipped_files,
     resolve_eval_resize,
-    skipped_files,
 )
+from src.image_decode import native_decode_refusal, reset_skipped_files, skipped_files
 from src.rand_augment import RandAugment, op_arguments, solarize_add
 from tests.jpeg_tree import make_jpeg_tree
 
@@ -294,7 +292,8 @@ def test_native_decoder_only_sees_jpegs_it_survives(tmp_path):
         import src
         import numpy as np
         from mindspore.dataset import vision
-        from src.dataset import create_dataset, skipped_files
+        from src.dataset import create_dataset
+        from src.image_decode import skipped_files
         for path in sorted(glob.glob({str(tmp_path)!r} + "/*.jpg")):
             try:
                 vision.Decode()(np.fromfile(path, dtype=np.uint8))

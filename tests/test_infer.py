@@ -316,7 +316,7 @@ def oblong_tree(tmp_path_factory) -> str:
 
 
 def _eager_preprocessing(config, root: str) -> np.ndarray:
-    from src.dataset import native_image_bytes
+    from src.image_decode import native_image_bytes
     from src.predict import image_transform
 
     transform = image_transform(config)
