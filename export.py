@@ -35,40 +35,28 @@ def output_path(file_name: str, file_format: str) -> str:
     return file_name if file_name.endswith(ext) else file_name + ext
 
 
-def _onnx_node_classes():
-    """Protobuf classes for the part of onnx.proto that renaming an op touches (ModelProto.graph,
-    GraphProto.node, NodeProto.op_type); every other field is kept as an unknown field and written back
-    unchanged. Built here so that export needs protobuf (a MindSpore dependency), not the onnx package."""
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    fd = descriptor_pb2.FileDescriptorProto(name="coatnet_onnx_subset.proto", package="coatnet_onnx_subset")
-    f = descriptor_pb2.FieldDescriptorProto
-    for name, fields in (("NodeProto", [("op_type", 4, f.TYPE_STRING, f.LABEL_OPTIONAL, None)]),
-                         ("GraphProto", [("node", 1, f.TYPE_MESSAGE, f.LABEL_REPEATED, "NodeProto")]),
-                         ("ModelProto", [("graph", 7, f.TYPE_MESSAGE, f.LABEL_OPTIONAL, "GraphProto")])):
-        message = fd.message_type.add(name=name)
-        for field_name, number, kind, label, type_name in fields:
-            field = message.field.add(name=field_name, number=number, type=kind, label=label)
-            if type_name:
-                field.type_name = f".coatnet_onnx_subset.{type_name}"
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fd)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("coatnet_onnx_subset.ModelProto"))
+def _onnx():
+    """The onnx package: only ONNX export needs it (requirements.txt), so it is imported here."""
+    try:
+        import onnx
+    except ImportError:
+        raise ValueError("--file_format=ONNX needs the onnx package: pip install onnx==1.19.1 (as in "
+                         "requirements.txt); MINDIR export does not") from None
+    return onnx
 
 
 def rename_onnx_ops(path: str, old: str, new: str) -> int:
-    """Rename every ``old`` node of the ONNX file at ``path`` to ``new``, in place; returns how many."""
-    model_class = _onnx_node_classes()
-    model = model_class()
-    with open(path, "rb") as f:
-        model.ParseFromString(f.read())
+    """Rename every ``old`` node of the default ONNX domain in the file at ``path`` to ``new``, in place;
+    returns how many. The stand-in and ``Erf`` are both ops of the default domain, so only ``op_type``
+    changes; a node of another domain of the same name is another op and stays."""
+    onnx = _onnx()
+    model = onnx.load(path)
     count = 0
     for node in model.graph.node:
-        if node.op_type == old:
+        if node.op_type == old and node.domain in ("", "ai.onnx"):
             node.op_type = new
             count += 1
-    with open(path, "wb") as f:
-        f.write(model.SerializeToString())
+    onnx.save(model, path)
     return count
 
 
@@ -84,6 +72,8 @@ def export_network(net, inputs, file_name: str, file_format: str, metadata: dict
     path = output_path(file_name, file_format)
     if os.path.isdir(path):
         raise ValueError(f"--file_name: {path} is a folder; expected a file name")
+    if file_format == "ONNX":
+        _onnx()  # before the export: a missing package is one line, not a graph written and then dropped
     use_stock_ops(net)  # no Custom op (a library compiled for this machine) in an exported graph
     gelus = prepare_for_export(net, erf_standin=True) if file_format == "ONNX" else 0
     folder = os.path.dirname(os.path.abspath(path))
@@ -111,14 +101,14 @@ def _export_files(net, inputs, work: str, file_format: str, gelus: int, metadata
             raise
         raise OSError(code, os.strerror(code)) from None
     written = os.path.join(work, "model" + EXTENSIONS[file_format])
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(written, 0o666 & ~umask)  # MindSpore leaves it read-only (0400); the ONNX renaming rewrites it
     if file_format == "ONNX":
         renamed = rename_onnx_ops(written, ERF_STANDIN_OP, "Erf")
         if renamed != gelus:  # the stand-in op occurs elsewhere in the graph: renaming it would be wrong
             raise RuntimeError(f"ONNX export: expected {gelus} {ERF_STANDIN_OP} nodes standing in for Erf, "
                                f"found {renamed}")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(written, 0o666 & ~umask)  # MindSpore leaves it read-only (0400)
     with open(written, "rb") as f:
         os.fsync(f.fileno())
     if metadata is not None:

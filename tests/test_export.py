@@ -5,6 +5,8 @@ relative-position tables resized, and a bad request fails with one line and writ
 import math
 import os
 import stat
+import subprocess
+import sys
 
 import mindspore as ms
 import numpy as np
@@ -12,7 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from mindspore.train.mind_ir_pb2 import ModelProto
-from runs import run
+from runs import ROOT, run
 
 from src.checkpoint import load_checkpoint, load_into, model_weights, save_checkpoint
 from src.coatnet import ERF_STANDIN_OP, GELU, create_model, prepare_for_export, resize_rel_pos_tables
@@ -188,6 +190,27 @@ def test_a_bad_request_fails_with_one_line_and_writes_nothing(ckpt, tmp_path, ar
     errors = [ln for ln in res.stderr.strip().splitlines() if not ln.startswith("[WARNING]")]
     assert len(errors) == 1 and errors[0].startswith("error: " + message.format(ckpt=ckpt, missing=missing)), errors
     assert os.listdir(out) == [] and res.stdout.strip() == ""
+
+
+def test_onnx_export_without_the_onnx_package_is_one_line_and_writes_nothing(ckpt, tmp_path):
+    # onnx is a requirement of ONNX export only: an install without it still exports MINDIR
+    out = tmp_path / "out"
+    out.mkdir()
+    code = ("import runpy, sys; sys.modules['onnx'] = None; sys.argv = {argv!r}; "
+            "runpy.run_path('export.py', run_name='__main__')")
+    for file_format in ("ONNX", "MINDIR"):
+        argv = ["export.py", *TINY, f"--checkpoint_path={ckpt}", f"--file_format={file_format}",
+                f"--file_name={out / 'model'}"]
+        res = subprocess.run([sys.executable, "-c", code.format(argv=argv)], cwd=ROOT, capture_output=True, text=True)
+        errors = [ln for ln in res.stderr.strip().splitlines() if not ln.startswith("[WARNING]")]
+        if file_format == "ONNX":
+            assert res.returncode == 2 and errors == [
+                "error: --file_format=ONNX needs the onnx package: pip install onnx==1.19.1 (as in requirements.txt); "
+                "MINDIR export does not"], res.stderr
+            assert os.listdir(out) == []
+        else:
+            assert res.returncode == 0, res.stderr
+            assert sorted(os.listdir(out)) == ["model.mindir", "model.mindir.json"]
 
 
 def test_a_failed_export_leaves_no_temporary_and_keeps_the_previous_file(tmp_path, monkeypatch):
