@@ -246,3 +246,18 @@ def test_the_same_command_twice_finds_the_run_finished(data, tmp_path):
     assert "holds checkpoints of this same run" in res.stderr and "nothing to train" in res.stderr
     assert open(os.path.join(out, "metrics.jsonl")).read() == before
     assert os.path.getmtime(os.path.join(out, "checkpoints", "epoch_0001.ckpt")) == mtime
+
+
+def test_sigterm_when_the_checkpoint_cannot_finish_in_time_exits_143_without_one(data, tmp_path):
+    """graceful_exit_seconds bounds the stop: a checkpoint write held up (here by the fault-injection pause
+    before its rename) is abandoned, the process exits 143 saying so, and no checkpoint gets a final name."""
+    out = str(tmp_path)
+    err_path = os.path.join(out, "stderr.txt")
+    proc = _start(data, out, "--graceful_exit_seconds=1", env={"COATNET_FAULT_SAVE_PAUSE": "600"})
+    _wait_for(lambda: os.path.exists(err_path) and "pausing before renaming" in open(err_path).read(), proc,
+              "the first checkpoint write")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == 143
+    log = open(err_path).read()
+    assert "SIGTERM: no checkpoint within graceful_exit_seconds (1 s); exiting without one" in log
+    assert not [n for n in os.listdir(os.path.join(out, "checkpoints")) if n.endswith(".ckpt")]
