@@ -28,6 +28,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
+from src.train_state import state_name
+
 __all__ = ["SoftTargetCrossEntropy", "TrainStep", "drop_path_noise"]
 
 _DROP_PATH_STREAM = 0x0D20  # keeps these draws apart from the data pipeline's (seed, shard, stream) generators
@@ -102,8 +104,8 @@ class TrainStep(nn.Cell):
         self.optimizer = optimizer
         self.weights = optimizer.parameters
         self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
-        self.loss_scale = Parameter(Tensor(loss_scale, ms.float32), name="state.loss_scale", requires_grad=False)
-        self.good_steps = Parameter(Tensor(0, ms.int32), name="state.good_steps", requires_grad=False)
+        self.loss_scale = Parameter(Tensor(loss_scale, ms.float32), name=state_name("loss_scale"), requires_grad=False)
+        self.good_steps = Parameter(Tensor(0, ms.int32), name=state_name("good_steps"), requires_grad=False)
         self.scale_factor = float(scale_factor)
         self.scale_window = int(scale_window)
         self.clip = clip_norm is not None

@@ -19,6 +19,7 @@ import mindspore as ms
 import numpy as np
 
 from src.fs_errors import disk_failure, writing
+from src.train_state import EMA_PREFIX, TRAIN_STATE_PREFIXES  # the layout of a training checkpoint
 
 __all__ = [
     "CheckpointError",
@@ -31,8 +32,6 @@ __all__ = [
     "remove_stale_temporaries",
     "copy_checkpoint",
     "weights_fingerprint",
-    "EMA_PREFIX",
-    "TRAIN_STATE_PREFIXES",
 ]
 
 
@@ -324,12 +323,6 @@ def load_into(net: ms.nn.Cell, params: Mapping[str, np.ndarray], source: str = "
     check_compatible(params, net, source, ignore_prefixes, names)
     for name, p in _named_params(net, names):
         p.set_data(ms.Tensor(np.asarray(params[name]), dtype=p.dtype))
-
-
-# Layout of a training checkpoint: model weights under their plain names (loadable by any
-# MindSpore user without our code), the rest under prefixes.
-EMA_PREFIX = "ema."
-TRAIN_STATE_PREFIXES = (EMA_PREFIX, "adam_m.", "adam_v.", "state.")
 
 
 def model_weights(params: Mapping[str, np.ndarray], use_ema: bool = False,

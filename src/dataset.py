@@ -374,8 +374,10 @@ def create_dataset(
 
 
 def dataset_from_config(config, split: str, num_shards: int = 1, shard_id: int = 0,
-                        batch_size: int | None = None) -> ds.Dataset:
-    """`create_dataset` with the settings of a config object (default_config.yaml keys)."""
+                        batch_size: int | None = None, epoch: int = 0) -> ds.Dataset:
+    """`create_dataset` with the settings of a config object (default_config.yaml keys). The train pipeline of
+    epoch ``epoch`` (0-based) is seeded ``seed + epoch``: each epoch's order and augmentation depend only on
+    (seed, epoch), so a resumed run replays exactly the epochs an uninterrupted run would have seen."""
     if batch_size is None:
         batch_size = config.batch_size if split == "train" else (config.eval_batch_size or config.batch_size)
     return create_dataset(
@@ -400,5 +402,5 @@ def dataset_from_config(config, split: str, num_shards: int = 1, shard_id: int =
         eval_resize=resolve_eval_resize(config.eval_resize, config.model_name),
         strict_data=config.strict_data,
         allow_extra_classes=config.allow_extra_classes,
-        seed=config.seed,
+        seed=config.seed + epoch,
     )

@@ -23,13 +23,14 @@ from collections.abc import Mapping
 import numpy as np
 
 from src.checkpoint import CheckpointError
+from src.train_state import EMA_PREFIX, MOMENT_PREFIXES, state_name
 
 __all__ = ["is_original_layout", "from_original"]
 
 _DIM_HEAD = 32  # every attention head of the original is 32 wide
-_SLOT_PREFIXES = ("ema.", "adam_m.", "adam_v.")  # per-weight copies, each in the model's layout
+_SLOT_PREFIXES = (EMA_PREFIX, *MOMENT_PREFIXES)  # per-weight copies, each in the model's layout
 # Training scalars of the original's checkpoints: kept (not model weights) under our state names.
-_STATE = {"global_step": "state.global_step", "scale_sense": "state.loss_scale"}
+_STATE = {"global_step": state_name("global_step"), "scale_sense": state_name("loss_scale")}
 _MODEL_NAME = re.compile(r"^(s[0-4]\.|final_layer_norm\.|cls_head\.)")
 
 _STEM = {"0": "stem.conv1.", "1": "stem.norm1.bn.", "3": "stem.conv2."}
@@ -125,7 +126,7 @@ def from_original(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         elif key in _STATE:
             out[_STATE[key]] = value
         else:
-            out["state.original." + key] = value
+            out[state_name("original." + key)] = value
     for prefix, tensors in groups.items():
         out.update({prefix + name: value for name, value in _convert_model(tensors).items()})
     return out

@@ -13,7 +13,6 @@ import dataclasses
 import os
 import signal
 import time
-import types
 from collections.abc import Callable
 
 import mindspore as ms
@@ -22,12 +21,13 @@ from mindspore import nn, ops
 
 from src.callbacks import CheckpointManager, MetricsWriter, StepLogger
 from src.cell_wrapper import TrainStep, drop_path_noise
-from src.checkpoint import EMA_PREFIX, CheckpointError, load_checkpoint, read_metadata, weights_fingerprint
+from src.checkpoint import CheckpointError, load_checkpoint, read_metadata, weights_fingerprint
 from src.coatnet import CoAtNet, create_model
 from src.kernels import use_fused_kernels
 from src.metrics import evaluate
 from src.precision import apply_precision
 from src.run_control import GracefulStop, RunLock, identity_differences, move_aside, run_identity
+from src.train_state import TrainState, create_ema
 from src.utils import RunContext, canonical_names, get_logger, lr_schedule, param_groups, set_seed
 
 __all__ = ["build_model", "build_train_step", "StepParts", "train"]
@@ -57,65 +57,6 @@ def _profiler(config):
     return Profiler(output_path=os.path.join(config.output_path, "profiler"))
 
 
-def _epoch_config(config, epoch: int):
-    # Each epoch's sample order and augmentation depend only on (seed, epoch): a resumed run
-    # replays exactly the epochs an uninterrupted run would have seen.
-    return types.SimpleNamespace(**{**config.to_dict(), "seed": config.seed + epoch})
-
-
-class _State:
-    """Everything a checkpoint holds besides the model weights, and its (de)serialisation."""
-
-    def __init__(self, net, names, optimizer, step_cell, ema):
-        self.net, self.names, self.optimizer, self.step_cell, self.ema = net, names, optimizer, step_cell, ema
-
-    def _moments(self):
-        """(checkpoint name, moment parameter) of both AdamWeightDecay moments of every weight."""
-        for prefix, moments in (("adam_m.", self.optimizer.moments1), ("adam_v.", self.optimizer.moments2)):
-            for p, m in zip(self.optimizer.parameters, moments, strict=True):
-                yield prefix + self.names[id(p)], m
-
-    def to_params(self, epoch: int, step: int) -> dict:
-        """``epoch``: epochs completed; ``step``: train steps taken (the optimizer's own counter, which
-        indexes the lr schedule, does not count steps skipped for a loss-scale overflow)."""
-        params = {self.names[id(p)]: p for p in self.net.get_parameters()}
-        params.update(self._moments())
-        if self.ema is not None:
-            for p in self.ema:
-                params[p.name] = p
-        params["state.global_step"] = self.optimizer.global_step
-        params["state.loss_scale"] = self.step_cell.loss_scale
-        params["state.good_steps"] = self.step_cell.good_steps
-        params["state.epoch"] = ms.Tensor(np.array(epoch, np.int32))
-        params["state.step"] = ms.Tensor(np.array(step, np.int64))
-        return params
-
-    def load(self, params: dict, source: str, steps_per_epoch: int) -> tuple[int, int]:
-        """Restore; returns (epochs completed, steps taken)."""
-        from src.checkpoint import load_into, model_weights
-
-        load_into(self.net, model_weights(params), source, names=self.names)
-        for key, m in self._moments():
-            if key not in params:
-                raise CheckpointError(f"{source} has no optimizer state '{key}': not a training checkpoint")
-            m.set_data(ms.Tensor(params[key]))
-        if self.ema is not None:
-            for p in self.ema:
-                # A checkpoint trained without EMA starts the average from its weights.
-                p.set_data(ms.Tensor(params.get(p.name, params[p.name[len(EMA_PREFIX):]])))
-        for key in ("state.global_step", "state.loss_scale", "state.good_steps", "state.epoch"):
-            if key not in params:
-                raise CheckpointError(f"{source} has no '{key}': not a training checkpoint")
-        self.optimizer.global_step.set_data(ms.Tensor(params["state.global_step"]).reshape(
-            self.optimizer.global_step.shape).astype(self.optimizer.global_step.dtype))
-        self.step_cell.loss_scale.set_data(ms.Tensor(params["state.loss_scale"], ms.float32))
-        self.step_cell.good_steps.set_data(ms.Tensor(params["state.good_steps"], ms.int32))
-        epoch = int(params["state.epoch"])
-        # Checkpoints before mid-epoch saves existed end an epoch: their step is the epoch's last.
-        step = int(params["state.step"]) if "state.step" in params else epoch * steps_per_epoch
-        return epoch, step
-
-
 @dataclasses.dataclass
 class StepParts:
     """What one compiled training step is made of (``build_train_step``)."""
@@ -137,11 +78,7 @@ def build_train_step(config, net: nn.Cell, names: dict[int, str], steps_per_epoc
                                    learning_rate=ms.Tensor(lr), beta1=config.beta1, beta2=config.beta2,
                                    eps=config.epsilon)
     all_params = list(net.get_parameters())
-    ema = None
-    if config.enable_ema:
-        # EMA over every model tensor, BatchNorm statistics included, stored under 'ema.<name>'.
-        ema = tuple(ms.Parameter(p.value().copy(), name=EMA_PREFIX + names[id(p)], requires_grad=False)
-                    for p in all_params)
+    ema = create_ema(all_params, names) if config.enable_ema else None
     reducer = None
     if rank_size > 1:
         reducer = nn.DistributedGradReducer(optimizer.parameters, mean=True, degree=rank_size)
@@ -222,7 +159,7 @@ class _Training:
         self.net = net = apply_precision(net, config.amp_level, config.amp_dtype)
 
         self.val_ds = dataset_from_config(config, "val", run.rank_size, run.rank_id) if config.eval_interval else None
-        self.first_ds = dataset_from_config(_epoch_config(config, 0), "train", run.rank_size, run.rank_id)
+        self.first_ds = dataset_from_config(config, "train", run.rank_size, run.rank_id, epoch=0)
         self.steps_per_epoch = self.first_ds.get_dataset_size()
         if self.steps_per_epoch == 0:
             raise ValueError(f"{config.data_path}/train has fewer images per rank than batch_size "
@@ -231,7 +168,7 @@ class _Training:
         parts = build_train_step(config, net, self.names, self.steps_per_epoch, run.rank_size)
         self.optimizer, self.ema, self.step_cell, self.lr = parts.optimizer, parts.ema, parts.step_cell, parts.lr
         self.agreement = _StopAgreement() if run.rank_size > 1 else None
-        self.state = _State(net, self.names, self.optimizer, self.step_cell, self.ema)
+        self.state = TrainState(net, self.names, self.optimizer, self.step_cell, self.ema)
         self.identity = run_identity(config, run.rank_size)
         self.ckpt = CheckpointManager(checkpoint_folder(config), config.keep_checkpoint_max,
                                       config.keep_best_checkpoint, enabled=run.is_main and config.save_checkpoint)
@@ -304,7 +241,7 @@ class _Training:
         from src.dataset import dataset_from_config
 
         ds = self.first_ds if epoch == 0 and self.first_ds is not None else dataset_from_config(
-            _epoch_config(self.config, epoch), "train", self.run_ctx.rank_size, self.run_ctx.rank_id)
+            self.config, "train", self.run_ctx.rank_size, self.run_ctx.rank_id, epoch=epoch)
         self.first_ds = None
         done = self.step - epoch * self.steps_per_epoch
         if done > 0:
@@ -365,8 +302,7 @@ class _Training:
             # The raw weights, as the original scored them, and with EMA on the EMA weights too.
             record.update(evaluate(self.net, self.val_ds, run.rank_size))
             if ema_net is not None:
-                for p, e in zip(ema_net.get_parameters(), self.ema, strict=True):
-                    p.set_data(e.value())
+                self.state.copy_ema_into(ema_net)
                 record.update({f"ema_{k}": v for k, v in evaluate(ema_net, self.val_ds, run.rank_size).items()
                                if k in ("top1", "top5")})
         scores = "".join(f"{k} {record[k]:.4f} " for k in ("top1", "top5", "ema_top1", "ema_top5") if k in record)

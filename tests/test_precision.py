@@ -13,10 +13,11 @@ from PIL import Image
 from runs import ROOT, TINY, make_color_tree, run
 
 from src.cell_wrapper import TrainStep
-from src.checkpoint import EMA_PREFIX, load_checkpoint, load_into, model_weights
+from src.checkpoint import load_checkpoint, load_into, model_weights
 from src.coatnet import create_model
 from src.model_utils.config import ConfigError, load_config
 from src.precision import apply_precision
+from src.train_state import create_ema
 from src.utils import canonical_names, param_groups
 
 NUM_CLASSES = 3
@@ -54,7 +55,7 @@ def _train_step(amp_level, *, loss_scale=2.0 ** 24, clip=1.0, ema_decay=0.9, sgd
     else:
         opt = nn.AdamWeightDecay(param_groups(params, 0.05, names), learning_rate=5e-4, eps=1e-6)
     all_params = list(net.get_parameters())
-    ema = tuple(Parameter(p.value().copy(), name=EMA_PREFIX + names[id(p)], requires_grad=False) for p in all_params)
+    ema = create_ema(all_params, names)
     step = TrainStep(net, opt, loss_scale=loss_scale, clip_norm=clip, ema_params=ema,
                      model_params=tuple(all_params), ema_decay=ema_decay)
     return step, params, all_params, ema

@@ -6,6 +6,7 @@ from mindspore import nn
 
 from src.cell_wrapper import TrainStep
 from src.coatnet import create_model
+from src.train_state import create_ema
 from src.utils import canonical_names, lr_schedule, param_groups
 
 
@@ -34,8 +35,7 @@ def _setup(ema_decay=None, clip=1.0, optimizer="adamw", lr=1e-3, loss_scale=2.0 
     all_params = list(net.get_parameters())
     ema = None
     if ema_decay is not None:
-        ema = tuple(ms.Parameter(p.value().copy(), name="ema." + names[id(p)], requires_grad=False)
-                    for p in all_params)
+        ema = create_ema(all_params, names)
     step = TrainStep(net, opt, loss_scale=loss_scale, clip_norm=clip, ema_params=ema,
                      model_params=tuple(all_params) if ema else None, ema_decay=ema_decay or 0.0)
     return net, step, ema, all_params
