@@ -18,9 +18,9 @@ from src.utils import cli_main, setup_context
 
 
 def evaluate_checkpoint(config, run) -> dict:
-    from src.dataset import dataset_from_config
+    from src.dataset import dataset_from_config, eval_preprocess
     from src.metrics import evaluate
-    from src.predict import PREPROCESS_KEYS, evaluate_model, is_export, open_model
+    from src.predict import evaluate_model, is_export, open_model
 
     results = config.result_path or config.output_path
     if run.is_main:  # a folder that cannot take the result fails now, not after the evaluation
@@ -35,7 +35,7 @@ def evaluate_checkpoint(config, run) -> dict:
     else:
         result = evaluate_model(model, dataset_from_config(config, "val"))
     result.update(checkpoint=config.checkpoint_path, format=model.kind, use_ema=config.use_ema,
-                  model_name=config.model_name, **{k: getattr(config, k) for k in PREPROCESS_KEYS})
+                  model_name=config.model_name, **eval_preprocess(config))
     print(f"top1: {result['top1']:.4f} top5: {result['top5']:.4f}")
     if run.is_main:
         write_text_atomic(os.path.join(results, "eval_result.json"), "write eval result",

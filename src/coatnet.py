@@ -169,6 +169,21 @@ MODEL_CFGS: dict[str, CoAtNetCfg] = {
 #: The variants whose structure (and parameter names after src/convert_timm.py) is timm's.
 TIMM_MODELS: tuple[str, ...] = tuple(name for name in MODEL_CFGS if name.endswith("_224"))
 
+#: Eval preprocessing of each variant's weights (timm's default_cfgs idea), the one place eval, export, the
+#: converter and the "auto" eval resize ask. The original family: the original's eval (ImageNet mean/std,
+#: both sides resized to size / 0.875, bicubic: "squash"). timm's names: the pretrained_cfg of timm's ImageNet
+#: weights (mean/std 0.5, crop_pct 0.95, shorter side resized: "aspect"; tests/test_convert_timm.py checks
+#: them against timm). A config key given explicitly, or a checkpoint's sidecar, wins over these.
+_IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_ORIGINAL_EVAL = dict(image_mean=_IMAGENET_MEAN_STD[0], image_std=_IMAGENET_MEAN_STD[1], crop_pct=0.875,
+                      interpolation="bicubic", eval_resize="squash")
+_TIMM_EVAL = dict(image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), crop_pct=0.95, interpolation="bicubic",
+                  eval_resize="aspect")
+PRETRAINED_CFGS: dict[str, dict] = {name: dict(_TIMM_EVAL if name in TIMM_MODELS else _ORIGINAL_EVAL)
+                                    for name in MODEL_CFGS}
+PRETRAINED_CFGS["coatnet_nano_rw_224"]["crop_pct"] = 0.9
+PRETRAINED_CFGS["coatnet_bn_0_rw_224"].update(image_mean=_IMAGENET_MEAN_STD[0], image_std=_IMAGENET_MEAN_STD[1])
+
 
 def list_models() -> list[str]:
     return sorted(MODEL_CFGS)

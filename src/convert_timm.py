@@ -24,20 +24,7 @@ from safetensors.numpy import load_file
 
 import src  # noqa: F401  (CPU ISA default before mindspore loads)
 from src.checkpoint import CheckpointError, save_checkpoint
-from src.coatnet import MODEL_CFGS, TIMM_MODELS, create_model
-
-# timm's pretrained_cfg of each CoAtNet (mean, std, crop_pct, interpolation): weights must be
-# evaluated the way they were trained. tests/test_convert_timm.py checks these against timm.
-_TIMM_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-_IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-TIMM_PREPROCESS = {
-    name: {"image_mean": list(_TIMM_MEAN_STD[0]), "image_std": list(_TIMM_MEAN_STD[1]),
-           "crop_pct": 0.95, "interpolation": "bicubic", "eval_resize": "aspect"}
-    for name in TIMM_MODELS
-}
-TIMM_PREPROCESS["coatnet_nano_rw_224"]["crop_pct"] = 0.9
-TIMM_PREPROCESS["coatnet_bn_0_rw_224"].update(image_mean=list(_IMAGENET_MEAN_STD[0]),
-                                          image_std=list(_IMAGENET_MEAN_STD[1]))
+from src.coatnet import MODEL_CFGS, PRETRAINED_CFGS, TIMM_MODELS, create_model
 
 _NORM_NAMES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean",
                "running_var": "moving_variance"}
@@ -130,7 +117,8 @@ def convert(model: str, src_path: str, dst_path: str) -> dict[str, np.ndarray]:
     target = {p.name: tuple(p.shape) for p in net.get_parameters()}
     params = map_state_dict(state, target)
     meta = {"model_name": name, "num_classes": num_classes, "source": os.path.basename(src_path),
-            "converted_from": "timm", **TIMM_PREPROCESS.get(name, {})}
+            "converted_from": "timm", **{k: list(v) if isinstance(v, tuple) else v
+                                         for k, v in PRETRAINED_CFGS[name].items()}}
     save_checkpoint(params, dst_path, metadata=meta)
     return params
 

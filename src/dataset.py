@@ -206,14 +206,26 @@ def _check_arguments(split, batch_size, image_size, num_shards, shard_id, mixup_
         raise ValueError(f"eval_resize must be one of {EVAL_RESIZES}, got {eval_resize!r}.")
 
 
+#: The config keys that describe eval preprocessing: recorded beside every checkpoint and export, applied
+#: from there by eval.py / infer.py (src.predict.apply_metadata) unless given explicitly.
+PREPROCESS_KEYS = ("image_mean", "image_std", "crop_pct", "interpolation", "center_crop", "eval_resize")
+
+
+def eval_preprocess(config) -> dict:
+    """The eval preprocessing of ``config`` as recorded in sidecars: its PREPROCESS_KEYS, "auto" resolved."""
+    values = {key: getattr(config, key) for key in PREPROCESS_KEYS}
+    values["eval_resize"] = resolve_eval_resize(config.eval_resize, config.model_name)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
 def resolve_eval_resize(eval_resize: str, model_name: str) -> str:
     """The config key `eval_resize` as `create_dataset` takes it: "auto" is "aspect" for timm's variants (the
     preprocessing their weights were trained with) and "squash" for the original MindSpore CoAtNet's."""
     if eval_resize != "auto":
         return eval_resize
-    from .coatnet import TIMM_MODELS
+    from .coatnet import PRETRAINED_CFGS
 
-    return "aspect" if model_name in TIMM_MODELS else "squash"
+    return PRETRAINED_CFGS[model_name]["eval_resize"] if model_name in PRETRAINED_CFGS else "aspect"
 
 
 def eval_resize_size(image_size: tuple[int, int], crop_pct: float, eval_resize: str = "aspect"

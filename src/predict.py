@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from src.checkpoint import CheckpointError, read_metadata
+from src.dataset import PREPROCESS_KEYS
 from src.fs_errors import write_text_atomic
 from src.model_utils.config import ConfigError
 
@@ -30,7 +31,6 @@ __all__ = ["MODEL_KEYS", "PREPROCESS_KEYS", "Model", "Prediction", "apply_metada
            "format_table", "write_predictions", "Progress"]
 
 MODEL_KEYS = ("model_name", "num_classes", "image_height", "image_width")
-PREPROCESS_KEYS = ("image_mean", "image_std", "crop_pct", "interpolation", "center_crop", "eval_resize")
 EXPORT_FORMATS = {".mindir": "MINDIR", ".onnx": "ONNX"}
 IMAGENET_CLASSES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "imagenet_classes.txt")
 # Files a folder is searched for (any case); a file named explicitly or by a glob is tried whatever its name.
@@ -239,11 +239,11 @@ def _open_onnx(path: str):
 def export_metadata(config, checkpoint_meta: dict) -> dict:
     """The sidecar export.py writes beside an exported file: what infer.py and eval.py need to run it without
     flags (shapes, eval preprocessing, class names) and where it came from."""
-    from src.dataset import resolve_eval_resize
+    from src.dataset import eval_preprocess
 
-    meta = {key: getattr(config, key) for key in MODEL_KEYS + PREPROCESS_KEYS}
-    meta.update(eval_resize=resolve_eval_resize(config.eval_resize, config.model_name), file_format=config.file_format,
-                use_ema=config.use_ema, checkpoint=os.path.abspath(config.checkpoint_path))
+    meta = {key: getattr(config, key) for key in MODEL_KEYS}
+    meta.update(eval_preprocess(config), file_format=config.file_format, use_ema=config.use_ema,
+                checkpoint=os.path.abspath(config.checkpoint_path))
     names = recorded_class_names(config, checkpoint_meta, config.num_classes, config.checkpoint_path + ".json")
     if names is not None:
         meta["class_names"] = names

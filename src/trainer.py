@@ -23,6 +23,7 @@ from src.callbacks import CheckpointManager, MetricsWriter, StepLogger
 from src.cell_wrapper import TrainStep, drop_path_noise
 from src.checkpoint import CheckpointError, load_checkpoint, read_metadata, weights_fingerprint
 from src.coatnet import CoAtNet, create_model
+from src.dataset import eval_preprocess
 from src.kernels import use_fused_kernels
 from src.metrics import evaluate
 from src.precision import apply_precision
@@ -323,9 +324,7 @@ class _Training:
                 "image_height": config.image_height, "image_width": config.image_width,
                 "epoch": epochs_done, "global_step": self.step, "steps_per_epoch": self.steps_per_epoch,
                 "top1": record.get("top1"), "best_by": self.best_key, "has_ema": self.ema is not None,
-                "image_mean": config.image_mean, "image_std": config.image_std, "crop_pct": config.crop_pct,
-                "interpolation": config.interpolation, "center_crop": config.center_crop,
-                "eval_resize": config.eval_resize, "class_names": self.class_names,
+                **eval_preprocess(config), "class_names": self.class_names,
                 "run_identity": self.identity}
         path = self.ckpt.save(name, self.state.to_params(epochs_done, self.step), meta, record.get(self.best_key))
         if path:

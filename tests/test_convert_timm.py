@@ -10,7 +10,8 @@ import torch
 from timm_ref import save_safetensors, timm_model
 
 from src.checkpoint import load_checkpoint, read_metadata
-from src.convert_timm import TIMM_PREPROCESS, convert, read_safetensors
+from src.coatnet import PRETRAINED_CFGS, TIMM_MODELS
+from src.convert_timm import convert, read_safetensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,11 +84,11 @@ def test_pth_input_is_loaded_weights_only(tmp_path):
     np.testing.assert_array_equal(params["head.fc.bias"], ref.state_dict()["head.fc.bias"].numpy())
 
 
-@pytest.mark.parametrize("name", sorted(TIMM_PREPROCESS))
+@pytest.mark.parametrize("name", sorted(TIMM_MODELS))
 def test_recorded_preprocessing_is_timms(name):
     cfg = timm.models.get_pretrained_cfg(name) or timm.create_model(name).pretrained_cfg
     cfg = cfg if isinstance(cfg, dict) else cfg.to_dict()
-    ours = TIMM_PREPROCESS[name]
+    ours = PRETRAINED_CFGS[name]
     assert tuple(ours["image_mean"]) == tuple(cfg["mean"]) and tuple(ours["image_std"]) == tuple(cfg["std"])
     assert ours["crop_pct"] == cfg["crop_pct"] and ours["interpolation"] == cfg["interpolation"]
 

@@ -455,14 +455,14 @@ def test_val_pipeline_squashes_or_keeps_the_aspect_ratio_as_told(tree):
 
 
 def test_auto_eval_resize_squashes_for_the_original_and_a_timm_checkpoint_keeps_its_preprocessing(tree):
-    from src.convert_timm import TIMM_PREPROCESS
+    from src.coatnet import PRETRAINED_CFGS, TIMM_MODELS
     from src.model_utils.config import ConfigError, load_config
     from src.predict import apply_metadata
 
     assert resolve_eval_resize("auto", "coatnet_1") == resolve_eval_resize("auto", "coatnet_tiny") == "squash"
     assert resolve_eval_resize("auto", "coatnet_0_rw_224") == resolve_eval_resize("auto", "coatnet_0_224") == "aspect"
     assert resolve_eval_resize("aspect", "coatnet_1") == "aspect"
-    assert {meta["eval_resize"] for meta in TIMM_PREPROCESS.values()} == {"aspect"}
+    assert {PRETRAINED_CFGS[name]["eval_resize"] for name in TIMM_MODELS} == {"aspect"}
     with pytest.raises(ConfigError, match="'eval_resize'"):
         load_config(["--eval_resize=crop"])
 
@@ -480,7 +480,8 @@ def test_auto_eval_resize_squashes_for_the_original_and_a_timm_checkpoint_keeps_
         np.testing.assert_allclose(got, _squash_reference(Image.open(path).convert("RGB"), (32, 32)), atol=0.01)
 
     # a converted timm checkpoint, as eval.py / infer.py open it: its sidecar names the model and its preprocessing
-    sidecar = {"model_name": "coatnet_0_rw_224", "num_classes": NUM_CLASSES, **TIMM_PREPROCESS["coatnet_0_rw_224"]}
+    sidecar = {"model_name": "coatnet_0_rw_224", "num_classes": NUM_CLASSES,
+               **{k: list(v) if isinstance(v, tuple) else v for k, v in PRETRAINED_CFGS["coatnet_0_rw_224"].items()}}
     timm = load_config(flags)
     apply_metadata(timm, sidecar)
     assert (timm.crop_pct, timm.image_mean, timm.eval_resize) == (0.95, [0.5, 0.5, 0.5], "aspect")
