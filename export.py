@@ -9,7 +9,7 @@ shapes, eval preprocessing and class names, so infer.py and eval.py run the file
 keys and preprocessing come from the checkpoint's own metadata unless given; --class_names=FILE (one per
 line) records other names. A checkpoint trained at another resolution gets its relative-position tables
 resized. ONNX uses exact equivalents of the ops MindSpore 2.10 cannot convert
-(``src.coatnet.prepare_for_export``; GELU as the standard Erf pattern, which onnxruntime fuses); MINDIR and
+(``src.onnx_export``; GELU as the standard Erf pattern, which onnxruntime fuses); MINDIR and
 AIR keep the model's own ops. AIR needs device_target Ascend.
 """
 import json
@@ -19,11 +19,12 @@ import tempfile
 
 import src  # noqa: F401  (sets the CPU ISA default before mindspore loads)
 from src.checkpoint import load_into, read_metadata
-from src.coatnet import ERF_STANDIN_OP, create_model, prepare_for_export
+from src.coatnet import create_model
 from src.fs_errors import disk_failure, writing
 from src.kernels import use_stock_ops
 from src.model_utils.config import ConfigError, load_config
 from src.model_utils.moxing_adapter import fetch_checkpoint, moxing_wrapper
+from src.onnx_export import ERF_STANDIN_OP, onnx_package, prepare_for_export, rename_onnx_ops
 from src.utils import cli_main, setup_context, weights_for
 
 EXTENSIONS = {"MINDIR": ".mindir", "ONNX": ".onnx", "AIR": ".air"}
@@ -33,31 +34,6 @@ def output_path(file_name: str, file_format: str) -> str:
     """The file MindSpore writes for ``file_name``: it appends the extension unless it is already there."""
     ext = EXTENSIONS[file_format]
     return file_name if file_name.endswith(ext) else file_name + ext
-
-
-def _onnx():
-    """The onnx package: only ONNX export needs it (requirements.txt), so it is imported here."""
-    try:
-        import onnx
-    except ImportError:
-        raise ValueError("--file_format=ONNX needs the onnx package: pip install onnx==1.19.1 (as in "
-                         "requirements.txt); MINDIR export does not") from None
-    return onnx
-
-
-def rename_onnx_ops(path: str, old: str, new: str) -> int:
-    """Rename every ``old`` node of the default ONNX domain in the file at ``path`` to ``new``, in place;
-    returns how many. The stand-in and ``Erf`` are both ops of the default domain, so only ``op_type``
-    changes; a node of another domain of the same name is another op and stays."""
-    onnx = _onnx()
-    model = onnx.load(path)
-    count = 0
-    for node in model.graph.node:
-        if node.op_type == old and node.domain in ("", "ai.onnx"):
-            node.op_type = new
-            count += 1
-    onnx.save(model, path)
-    return count
 
 
 def export_network(net, inputs, file_name: str, file_format: str, metadata: dict | None = None) -> str:
@@ -73,9 +49,9 @@ def export_network(net, inputs, file_name: str, file_format: str, metadata: dict
     if os.path.isdir(path):
         raise ValueError(f"--file_name: {path} is a folder; expected a file name")
     if file_format == "ONNX":
-        _onnx()  # before the export: a missing package is one line, not a graph written and then dropped
+        onnx_package()  # before the export: a missing package is one line, not a graph written and then dropped
     use_stock_ops(net)  # no Custom op (a library compiled for this machine) in an exported graph
-    gelus = prepare_for_export(net, erf_standin=True) if file_format == "ONNX" else 0
+    gelus = prepare_for_export(net) if file_format == "ONNX" else 0
     folder = os.path.dirname(os.path.abspath(path))
     with writing("write exported model", path):
         os.makedirs(folder, exist_ok=True)

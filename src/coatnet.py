@@ -32,8 +32,6 @@ __all__ = [
     "rel_pos_index",
     "resize_rel_pos_bias_table",
     "resize_rel_pos_tables",
-    "prepare_for_export",
-    "ERF_STANDIN_OP",
 ]
 
 
@@ -203,7 +201,7 @@ class GELU(nn.Cell):
 
     After ``set_fused(True)``, float32 inputs go through the fused CPU kernel of ``src.kernels`` (one pass
     forward, one backward; MindSpore's own Erf-based lowering took ~30 % of a CoAtNet-0 train step), where
-    it is available. ONNX export swaps in ``ExportGELU``.
+    it is available. ONNX export swaps in ``src.onnx_export.ExportGELU``.
     """
 
     def __init__(self, approximate: str = "none"):
@@ -961,93 +959,3 @@ def resize_rel_pos_tables(state: dict, net: CoAtNet) -> dict:
                 if arr.shape[0] != (2 * w[0] - 1) * (2 * w[1] - 1):  # same window: nothing to resize
                     out[key] = resize_rel_pos_bias_table(arr, w, mode=tables[owner].resize_mode)
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# ONNX export
-# --------------------------------------------------------------------------------------------------
-# MindSpore 2.10 has no ONNX converter for Erf. For ONNX, ExportGELU writes this op in Erf's place and
-# export.py renames it in the written file. onnxruntime fuses Div(x, sqrt 2) -> Erf -> +1 -> *x -> *0.5
-# (that form: with Mul by 1/sqrt 2 it does not) into one Gelu kernel; the erf-free formulation below
-# was ~20 element-wise nodes per activation, 55 % of the exported CoAtNet-0's onnxruntime time.
-# Log never occurs in the model otherwise, and export.py checks the count.
-ERF_STANDIN_OP = "Log"
-
-
-class ExportGELU(nn.Cell):
-    """GELU written with ops MindSpore 2.10's ONNX exporter converts.
-
-    ``approximate="tanh"`` (MindSpore's ``nn.GELU()``, the original network): 0.5 x (1 + tanh(u)), u =
-    sqrt(2/pi) (x + 0.044715 x^3), written as x sigmoid(2u), which converts as is (MindSpore 2.10's CPU
-    Tanh is ~1e-4 off near |u| = 5; its Sigmoid is not). The exact form (``"none"``):
-
-    ``erf_standin=True`` (what ONNX export uses): 0.5 x (1 + erf(x / sqrt 2)) with ``ERF_STANDIN_OP``
-    in place of erf; the graph computes GELU only once the stand-in is renamed to Erf in the ONNX file.
-
-    ``erf_standin=False``: no Erf (nor Sign); with Phi(x) = 0.5 (1 + erf(x / sqrt 2)) and
-    erfc(z) ~ poly(t) exp(-z^2) (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7):
-    x Phi(x) = relu(x) - 0.5 |x| erfc(|x| / sqrt 2) for either sign of x. It runs as is anywhere.
-    """
-
-    def __init__(self, erf_standin: bool = False, approximate: str = "none"):
-        super().__init__(auto_prefix=False)
-        self.erf_standin = erf_standin
-        self.tanh_form = approximate == "tanh"
-
-    def construct(self, x):
-        if self.tanh_form:
-            return x * ops.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
-        if self.erf_standin:
-            return x * (1.0 + ops.log(ops.div(x, 1.4142135623730951))) * 0.5
-        ax = ops.abs(x)
-        z = ax * 0.7071067811865476
-        # ops.div, not `1.0 / ...`: a scalar numerator becomes Reciprocal, which has no converter either.
-        t = ops.div(1.0, 1.0 + 0.3275911 * z)
-        poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741
-                                                           + t * (-1.453152027 + t * 1.061405429))))
-        return ops.relu(x) - 0.5 * ax * poly * ops.exp(-z * z)
-
-
-class ExportLayerNorm2d(nn.Cell):
-    """LayerNorm2d with 1 / sqrt instead of Rsqrt (no ONNX converter); shares the original's
-    gamma / beta, whose names are kept (``auto_prefix=False``)."""
-
-    def __init__(self, norm: LayerNorm2d):
-        super().__init__(auto_prefix=False)
-        self.eps = norm.eps
-        self.gamma = norm.gamma
-        self.beta = norm.beta
-
-    def construct(self, x):
-        dtype = x.dtype
-        x = x.astype(ms.float32)
-        mean = x.mean(axis=1, keep_dims=True)
-        xc = x - mean
-        var = (xc * xc).mean(axis=1, keep_dims=True)
-        y = xc / ops.sqrt(var + self.eps)
-        y = y * self.gamma.reshape(1, -1, 1, 1) + self.beta.reshape(1, -1, 1, 1)
-        return y.astype(dtype)
-
-
-def prepare_for_export(net: nn.Cell, erf_standin: bool = False) -> int:
-    """Swap, in place, the cells MindSpore 2.10 cannot export to ONNX for equivalents it can: GELU
-    (no converter for Erf; ``erf_standin``: see ``ExportGELU``) and LayerNorm2d (none for Rsqrt).
-    Logits move by ~1e-6. Every other op of the model (Conv, BatchNorm, 2x2 AvgPool, ReduceMean,
-    Gather by a constant index, MatMul, Softmax, Split, Transpose, Cast, Sigmoid, Tanh) converts as is.
-    Only for ONNX: MINDIR keeps the exact ops.
-
-    Parameters stay the same objects under the same names, so weights load before or after. Swap
-    before the network's first graph-mode call: a graph compiled earlier keeps the old cells
-    (``mindspore.export`` compiles its own graph and sees the new ones). Returns the number of exact
-    GELUs (each written with one ``ERF_STANDIN_OP`` when ``erf_standin``); tanh GELUs need no stand-in."""
-    swaps = []
-    for _, parent in net.cells_and_names():
-        for child_name, child in parent.name_cells().items():
-            if isinstance(child, GELU):
-                swaps.append((parent, child_name, ExportGELU(erf_standin, child.approximate)))
-            elif isinstance(child, LayerNorm2d):
-                swaps.append((parent, child_name, ExportLayerNorm2d(child)))
-    for parent, child_name, cell in swaps:
-        # insert_child_to_cell, unlike attribute assignment, does not re-prefix parameter names.
-        parent.insert_child_to_cell(child_name, cell)
-    return sum(isinstance(cell, ExportGELU) and not cell.tanh_form for _, _, cell in swaps)

@@ -61,7 +61,7 @@ def test_extract_image_patches_still_has_no_cpu_kernel(graph_mode):
 
 def test_cpu_tanh_is_still_an_approximation():
     """Why the fused tanh-GELU kernel and its ONNX form avoid ops.tanh (src/kernels, src/coatnet.py
-    ExportGELU): MindSpore's CPU Tanh is a rational approximation, off by more than float32 rounding."""
+    src/onnx_export.ExportGELU): MindSpore's CPU Tanh is a rational approximation, off by more than float32 rounding."""
     u = np.linspace(-6.0, 6.0, 2001, dtype=np.float32)
     ours = ops.tanh(ms.Tensor(u)).asnumpy()
     assert np.abs(ours - np.tanh(u.astype(np.float64))).max() > 1e-5
