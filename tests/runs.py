@@ -28,6 +28,17 @@ def make_color_tree(root: str, num_classes: int = 3, train_per_class: int = 8, v
     return root
 
 
+def read_tree(root) -> dict[str, bytes]:
+    """Every file under `root` (hidden ones too), relative path -> bytes."""
+    tree = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                tree[os.path.relpath(path, root).replace(os.sep, "/")] = f.read()
+    return tree
+
+
 TINY = ["--model_name=coatnet_tiny", "--image_height=32", "--image_width=32", "--num_parallel_workers=1",
         "--drop_path_rate=0.0", "--mixup_alpha=0.0", "--rand_augment_magnitude=5", "--lr_warmup_epochs=0",
         "--log_interval=1", "--crop_pct=1.0", "--center_crop=False"]

@@ -18,20 +18,11 @@ from src.model_utils.archive import (
     extraction_marker,
     strip_archive_suffix,
 )
+from tests.runs import read_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TREE = {f"imagenet/{split}/class_{c}/img_{i}.JPEG": os.urandom(2000 + 97 * i)
         for split in ("train", "val") for c in range(2) for i in range(3)}
-
-
-def read_tree(root) -> dict[str, bytes]:
-    tree = {}
-    for folder, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as f:
-                tree[os.path.relpath(path, root).replace(os.sep, "/")] = f.read()
-    return tree
 
 
 def make_zip(path, files: dict[str, bytes], symlinks: dict[str, str] | None = None) -> str:

@@ -33,7 +33,7 @@ from src.model_utils.moxing_adapter import (
     upload_outputs,
 )
 from src.model_utils.obs_sync import ObsCredentials, ObsError, ObsSettings, ObsTransfer, parse_obs_url
-from tests.runs import TINY, make_color_tree, run
+from tests.runs import TINY, make_color_tree, read_tree, run
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, CutProxy, S3Server, WatchProxy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,17 +91,6 @@ def dataset_objects(prefix: str) -> dict[str, bytes]:
     objects[f"{prefix}train/n01440764/empty.JPEG"] = b""
     objects[f"{prefix}val/"] = b""  # the folder placeholder that the OBS console creates
     return objects
-
-
-def read_tree(root) -> dict[str, bytes]:
-    """Every file under `root` (hidden ones too), relative path -> bytes."""
-    tree = {}
-    for folder, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as f:
-                tree[os.path.relpath(path, root).replace(os.sep, "/")] = f.read()
-    return tree
 
 
 def closed_port() -> int:
