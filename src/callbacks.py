@@ -1,4 +1,5 @@
-"""What happens around the training steps: step logging, metrics.jsonl, checkpoints, OBS sync."""
+"""What happens around the training steps: step logging, metrics.jsonl and the checkpoint files of a run
+(which to keep, best.ckpt). OBS sync is src/model_utils/moxing_adapter.py."""
 from __future__ import annotations
 
 import glob

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import mindspore as ms
 import numpy as np
 
+from src.fault_injection import pause_before_rename
 from src.fs_errors import disk_failure, writing
 from src.train_state import EMA_PREFIX, TRAIN_STATE_PREFIXES  # the layout of a training checkpoint
 
@@ -64,7 +65,7 @@ def _write_temporary(path: str, write_fn) -> str:
 def _rename_all(written: list[tuple[str, str]], path: str) -> None:
     """Give each (temporary, final) pair its final name, in order; on failure no temporary is left."""
     try:
-        _fault_injection_pause(path)
+        pause_before_rename(path)
         with writing(f"write {_kind(path)}", path):
             for tmp, final in written:
                 os.replace(tmp, final)
@@ -81,18 +82,6 @@ def _remove(path: str) -> None:
 
 def _atomic_write(path: str, write_fn) -> None:
     _rename_all([(_write_temporary(path, write_fn), path)], path)
-
-
-def _fault_injection_pause(path: str) -> None:
-    # Crash-safety tests kill the process while a checkpoint is half-way (written, not renamed);
-    # COATNET_FAULT_SAVE_PAUSE=<seconds> holds that window open. Unset in normal runs.
-    pause = os.environ.get("COATNET_FAULT_SAVE_PAUSE")
-    if pause and path.endswith(".ckpt"):
-        import sys
-        import time
-
-        print(f"fault-injection: pausing before renaming {path}", file=sys.stderr, flush=True)
-        time.sleep(float(pause))
 
 
 def copy_checkpoint(source: str, path: str) -> None:

@@ -1,4 +1,6 @@
-"""Learning-rate schedule, parameter groups, run context (device, mode, ranks) and seeding."""
+"""What the entry points share: the learning-rate schedule and parameter groups, the run context (device,
+mode, ranks), seeding and the logger, the bare model's parameter names, the one-line error wrapper of every
+script (``cli_main``), and loading weights for eval / export / fine-tuning (``weights_for``, ``load_pretrained``)."""
 from __future__ import annotations
 
 import logging
@@ -13,7 +15,8 @@ from mindspore import nn
 
 from src.model_utils import device_adapter
 
-__all__ = ["lr_schedule", "param_groups", "RunContext", "setup_context", "set_seed", "get_logger"]
+__all__ = ["lr_schedule", "param_groups", "RunContext", "setup_context", "set_seed", "get_logger", "canonical_names",
+           "cli_main", "HEAD_KEYS", "weights_for", "load_pretrained"]
 
 
 def lr_schedule(lr_max: float, lr_min: float, warmup_epochs: int, num_epochs: int,
@@ -66,9 +69,9 @@ def setup_context(config) -> RunContext:
     backend (HCCL on Ascend, NCCL on GPU, MindSpore's own MCCL on CPU). ``init()`` fails outside
     msrun, so it is called only when RANK_SIZE > 1."""
     mode = ms.GRAPH_MODE if config.mode == "GRAPH" else ms.PYNATIVE_MODE
-    rank_size = device_adapter.get_device_num(config)
+    rank_size = device_adapter.get_device_num()
     # The original's rule: device_id 0 (its default) means "from the environment".
-    device_id = config.device_id or device_adapter.get_device_id(config)
+    device_id = config.device_id or device_adapter.get_device_id()
     ms.set_device(config.device_target, device_id if config.device_target != "CPU" else None)
     ms.set_context(mode=mode)
     if config.mode == "GRAPH":

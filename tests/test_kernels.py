@@ -87,7 +87,8 @@ def _kernel_or_stock(cell, fused: bool):
 
 
 def _inputs() -> np.ndarray:
-    x = np.random.RandomState(0).randn(3, 70000).astype(np.float32) * 4  # > one 65536-element chunk
+    # 210,000 elements: enough work for parallel_for (src/kernels/parallel.h) to split it over every core
+    x = np.random.RandomState(0).randn(3, 70000).astype(np.float32) * 4
     x[0, :8] = [0.0, -0.0, 1e-30, -1e-30, 30.0, -30.0, 1e4, -1e4]
     x[1, :4] = [10.0, -10.0, 9.999, -9.999]  # where the tanh form's e drops to 0 (gelu.h)
     return x
