@@ -8,6 +8,10 @@ data (``MODEL_CFGS``); parameter names follow timm's ``maxxvit.py`` so timm weig
 (see ``src/convert_timm.py``). This module knows nothing of datasets, config files or devices: a model
 is built with MindSpore's own ops, and ``src.kernels.use_fused_kernels(net)`` switches the cells that
 have a fused CPU kernel (their ``set_fused``) to it.
+
+Why one long file: the variant table, each block and the model read together as the paper does (timm keeps
+maxxvit.py whole for the same reason); the relative-position table resize at the end is the one piece that
+checkpoints of another resolution need, and it is kept beside the table it resizes.
 """
 from __future__ import annotations
 

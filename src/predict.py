@@ -5,6 +5,9 @@ interface (`open_model`), run with the eval preprocessing, shapes and class name
 Metadata precedence, the same for every format: a key the user set (flag or config file) > the sidecar > the
 default. An export's input and output shapes are read from the file itself; a sidecar or flag that contradicts
 them is one error (the graph cannot run at another size).
+
+Why one long file: the three formats, class names, image collection, batching and the table/CSV output are
+one path from a model file and images to predictions, used by three scripts.
 """
 from __future__ import annotations
 

@@ -1,6 +1,10 @@
 """ModelArts / OpenI integration: datasets, checkpoints and the outputs of a lost container fetched before a
 run, outputs, results and logs uploaded during and after it.
 
+Why one long file: everything the platform does around a run (dataset and archive download, checkpoint
+fetch, restore of a restarted job, periodic and final upload, rank coordination per node) meets in
+`moxing_wrapper`, and each piece is a short function beside it; the transfers themselves are `obs_sync`.
+
 The seed used the proprietary moxing package; this uses esdk-obs-python through `obs_sync`. Every function
 takes the config explicitly and does nothing unless `config.enable_modelarts` is set:
 
