@@ -22,13 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 
-from common import base_parser, cpu_peak, describe_peak, median_time, write_results
+from common import base_parser, cpu_peak, describe_peak, median_time, run_child, write_results
 
 RUNTIMES = ("mindspore", "mindir", "onnx", "timm_eager", "torch_compile", "torch_compile_cl")
 COMPILED = ("torch_compile", "torch_compile_cl")
@@ -124,17 +122,8 @@ def _run_worker(kind: str, args, work_dir: str, timeout: float | None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), f"--worker={kind}", f"--work_dir={work_dir}",
            f"--model={args.model}", f"--batch_size={args.batch_size}", f"--image_size={args.image_size}",
            f"--iters={args.iters}", f"--threads={args.threads}"]
-    # Own session, so that a timeout also stops inductor's compile workers.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return {"note": f"not done after {timeout:.0f} s, stopped"}
-    if proc.returncode != 0:
-        return {"note": "failed: " + (err.strip().splitlines() or ["no output"])[-1][:200]}
-    return json.loads(out.strip().splitlines()[-1])
+    result = run_child(cmd, timeout)
+    return {"note": result["error"]} if "error" in result else result
 
 
 def main() -> None:

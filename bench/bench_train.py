@@ -29,13 +29,11 @@ the load average, the peak and the library versions to bench/results/bench_train
 import json
 import os
 import resource
-import signal
 import statistics
-import subprocess
 import sys
 import time
 
-from common import base_parser, count_macs, cpu_peak, describe_peak, write_results
+from common import base_parser, count_macs, cpu_peak, describe_peak, run_child, write_results
 
 TIMM_VARIANTS = {"timm": "timm eager", "timm_cl": "timm eager, channels-last",
                  "timm_compiled": "timm torch.compile, channels-last"}
@@ -127,18 +125,7 @@ def _alone(side: str, args, isa: str | None, iters: int, model: str | None = Non
     cmd = [sys.executable, __file__, "--only", side, "--model", model or args.model,
            "--batch_size", str(args.batch_size),
            "--image_size", str(args.image_size), "--iters", str(iters), "--threads", str(args.threads)]
-    # Own session, so that a timeout also stops inductor's compile workers.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return {"error": f"not done after {timeout:.0f} s, stopped"}
-    if proc.returncode != 0:
-        return {"error": (err.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:300]}
-    return json.loads(out.strip().splitlines()[-1])
+    return run_child(cmd, timeout, env)
 
 
 def _run_only(args) -> None:

@@ -1,8 +1,11 @@
 """Shared benchmark helpers: timing, thread setup, MAC counting on our MindSpore model."""
 from __future__ import annotations
 
+import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import time
 
@@ -187,3 +190,20 @@ def write_results(script: str, payload: dict) -> str:
                    "versions": versions, "source": source, **payload}, f, indent=1)
         f.write("\n")
     return path
+
+
+def run_child(cmd: list[str], timeout: float | None = None, env: dict | None = None) -> dict:
+    """Run a benchmark child that prints its figures as JSON on its last stdout line. In its own session, so
+    that a timeout also stops torch inductor's compile workers. Returns {"error": ...} when it fails or runs
+    past ``timeout`` seconds."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return {"error": f"not done after {timeout:.0f} s, stopped"}
+    if proc.returncode != 0:
+        return {"error": (err.strip().splitlines() or [f"exit {proc.returncode}"])[-1][:300]}
+    return json.loads(out.strip().splitlines()[-1])
