@@ -470,12 +470,24 @@ class Softmax(nn.Cell):
         return (out * (dout - (dout * out).sum(axis=-1, keepdims=True)),)
 
 
-class SqueezeExcite(nn.Cell):
-    def __init__(self, channels: int, rd_channels: int, act: str):
+class ConvMlp(nn.Cell):
+    """1x1 conv - act - 1x1 conv: the transformer block's MLP, and the bottleneck of squeeze-and-excitation."""
+
+    def __init__(self, dim: int, hidden: int, act: str):
         super().__init__()
-        self.fc1 = nn.Conv2d(channels, rd_channels, 1, has_bias=True)
+        self.fc1 = nn.Conv2d(dim, hidden, 1, has_bias=True)
         self.act = _act(act)
-        self.fc2 = nn.Conv2d(rd_channels, channels, 1, has_bias=True)
+        self.fc2 = nn.Conv2d(hidden, dim, 1, has_bias=True)
+
+    def construct(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SqueezeExcite(ConvMlp):
+    """Squeeze-and-excitation: the channel means through ConvMlp's bottleneck, then a sigmoid gate."""
+
+    def __init__(self, channels: int, rd_channels: int, act: str):
+        super().__init__(channels, rd_channels, act)
         self.sigmoid = nn.Sigmoid()  # a cell: mixed precision can keep it in float32 (src/precision.py)
         self.gate = ChannelGate()
 
@@ -621,17 +633,6 @@ class LayerScale2d(nn.Cell):
 
     def construct(self, x):
         return x * self.gamma.reshape(1, -1, 1, 1).astype(x.dtype)
-
-
-class ConvMlp(nn.Cell):
-    def __init__(self, dim: int, hidden: int, act: str):
-        super().__init__()
-        self.fc1 = nn.Conv2d(dim, hidden, 1, has_bias=True)
-        self.act = _act(act)
-        self.fc2 = nn.Conv2d(hidden, dim, 1, has_bias=True)
-
-    def construct(self, x):
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class PreNormDown(nn.Cell):
