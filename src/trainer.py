@@ -104,17 +104,16 @@ class _StopAgreement(nn.Cell):
         return self.all_reduce(flag)
 
 
-def _resume_source(config, run: RunContext, ckpt: CheckpointManager, identity: dict, logger) -> str | None:
+def _resume_source(config, ckpt: CheckpointManager, identity: dict, logger) -> str | None:
     """The checkpoint this run continues, or None for a fresh start. ``--resume=auto`` and a plain rerun
     (no ``--resume``) continue the latest checkpoint in the folder only if it is of this same run (equal
     run identity); a checkpoint of another run is refused naming the keys that differ."""
     if config.resume not in ("", "auto"):
         if not os.path.isfile(config.resume):
             raise CheckpointError(f"resume checkpoint not found: {config.resume}")
-        recorded = read_metadata(config.resume).get("run_identity")
-        if recorded and identity_differences(recorded, identity):
-            logger.warning(f"resuming {config.resume} with a different config: "
-                           f"{', '.join(identity_differences(recorded, identity))}")
+        differences = identity_differences(read_metadata(config.resume).get("run_identity") or identity, identity)
+        if differences:
+            logger.warning(f"resuming {config.resume} with a different config: {', '.join(differences)}")
         return config.resume
     latest = ckpt.latest()
     if latest is None:
@@ -122,12 +121,13 @@ def _resume_source(config, run: RunContext, ckpt: CheckpointManager, identity: d
             logger.info("resume=auto: no checkpoint yet, starting from scratch")
         return None
     recorded = read_metadata(latest).get("run_identity")
+    differences = identity_differences(recorded, identity) if recorded is not None else []
     if recorded is None:
         logger.warning(f"{latest} records no run identity (an older checkpoint): continuing from it")
-    elif identity_differences(recorded, identity):
+    elif differences:
         raise CheckpointError(
-            f"{latest} is a checkpoint of another run (it differs in "
-            f"{', '.join(identity_differences(recorded, identity))}): use another output_path, "
+            f"{latest} is a checkpoint of another run (it differs in {', '.join(differences)}): "
+            "use another output_path, "
             f"--overwrite=True to move that run's files aside, or --resume={latest} to continue it with this config")
     if config.resume == "":
         logger.info(f"{ckpt.folder} holds checkpoints of this same run: continuing from the latest "
@@ -183,7 +183,6 @@ class _Training:
     def run(self) -> dict:
         config, logger = self.config, self.logger
         self._start()
-        ema_net = build_model(config) if self.val_ds is not None and self.ema is not None else None
         global_batch = config.batch_size * self.run_ctx.rank_size
         logger.info(f"rank {self.run_ctx.rank_id}/{self.run_ctx.rank_size}: "
                     f"{self.steps_per_epoch * config.batch_size} train samples per epoch "
@@ -193,6 +192,8 @@ class _Training:
         if self.epoch >= config.num_epochs:
             logger.info(f"nothing to train: the run finished its {config.num_epochs} epochs")
             return {}
+        # a second model instance the EMA weights are scored in (built only when a run has epochs left)
+        ema_net = build_model(config) if self.val_ds is not None and self.ema is not None else None
         self.step_log = StepLogger(logger, config.log_interval, self.steps_per_epoch,
                                    self.steps_per_epoch * config.num_epochs, global_batch)
         profiler = _profiler(config)
@@ -221,7 +222,7 @@ class _Training:
                     move_aside(config.output_path, old, logger)
             source = config.resume if config.resume not in ("", "auto") else None
         else:
-            source = _resume_source(config, self.run_ctx, self.ckpt, self.identity, logger)
+            source = _resume_source(config, self.ckpt, self.identity, logger)
         if source is None:
             self.metrics.truncate_after(0)  # records of a run cut short before its first checkpoint
             return
