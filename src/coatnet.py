@@ -338,7 +338,33 @@ def _padding(k: int, stride: int) -> dict:
 
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, bias: bool = True) -> nn.Conv2d:
+    if k == 1 and stride > 1 and groups == 1:
+        return StridedConv1x1(cin, cout, stride, bias)
     return nn.Conv2d(cin, cout, k, stride=stride, group=groups, has_bias=bias, **_padding(k, stride))
+
+
+class StridedConv1x1(nn.Conv2d):
+    """1x1 convolution with stride > 1 (the original network's MBConv expansion): an ``nn.Conv2d`` that, after
+    ``set_fused(True)``, takes float32 inputs through a 1x1 average pool of that stride (every stride-th
+    pixel, exactly) and a stride-1 1x1 convolution: MindSpore 2.10's oneDNN runs a strided convolution on
+    its reference path on CPUs that allow AVX-512, a pool and a 1x1 convolution on the fast ones."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int, bias: bool):
+        super().__init__(in_chs, out_chs, 1, stride=stride, has_bias=bias, pad_mode="valid")
+        self.subsample = ops.AvgPool(kernel_size=1, strides=stride)
+        self.conv1x1 = ops.Conv2D(out_chs, 1)
+        self.fused = None  # True: pool + 1x1 convolution; None: MindSpore's strided convolution
+
+    def set_fused(self, on: bool) -> None:
+        """The pool + 1x1 form where the fused kernels apply (``on``: see ``src.kernels.use_fused_kernels``)."""
+        self.fused = True if on and kernels.kernels_enabled() else None
+
+    def construct(self, x):
+        if self.fused is not None and x.dtype == ms.float32:
+            y = self.conv1x1(self.subsample(x), self.weight)
+        else:
+            y = self.conv2d(x, self.weight)
+        return self.bias_add(y, self.bias) if self.has_bias else y
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -359,6 +385,37 @@ class DepthwiseConv2d(nn.Conv2d):
     def construct(self, x):
         if self.fused is not None and x.dtype == ms.float32:
             return self.fused(x, self.weight)
+        return self.conv2d(x, self.weight)
+
+
+class Conv3x3(nn.Conv2d):
+    """Dense 3x3 convolution without bias (the stem's): an ``nn.Conv2d`` (same parameter; padding one each
+    side as ``_conv``, or MindSpore's ``pad_mode="same"``) that, after ``set_fused(True)``, runs for float32
+    inputs as the im2col kernel of ``src.kernels`` followed by a 1x1 convolution: MindSpore 2.10's oneDNN
+    runs a dense 3x3 convolution on its reference path on CPUs that allow AVX-512 (seconds per call), and
+    its 1x1 convolution on the fast one."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, same: bool = False):
+        padding = {"pad_mode": "same"} if same else _padding(3, stride)
+        super().__init__(in_chs, out_chs, 3, stride=stride, has_bias=False, **padding)
+        self.pads_by_parity = same and stride == 2  # "same" pads (0, 1) on an even size, (1, 1) on an odd one
+        self.conv_stride = stride
+        self.fused = None  # im2col ops by (H odd, W odd), or None: MindSpore's convolution
+        self.conv1x1 = ops.Conv2D(out_chs, 1)
+
+    def set_fused(self, on: bool) -> None:
+        """The im2col kernel where it applies (``on``: see ``src.kernels.use_fused_kernels``), else MindSpore's op."""
+        self.fused = None
+        if on:
+            pads = [(h, w) for h in (0, 1) for w in (0, 1)] if self.pads_by_parity else [(1, 1)] * 4
+            fused = tuple(kernels.im2col3x3(self.conv_stride, top, left) for top, left in pads)
+            self.fused = fused if all(op is not None for op in fused) else None
+
+    def construct(self, x):
+        if self.fused is not None and x.dtype == ms.float32:
+            n, c, h, w = x.shape
+            col = self.fused[2 * (h % 2) + w % 2](x)
+            return self.conv1x1(col, self.weight.reshape(self.out_channels, 9 * c, 1, 1))
         return self.conv2d(x, self.weight)
 
 
@@ -691,14 +748,12 @@ class Stem(nn.Cell):
 
     def __init__(self, in_chs: int, widths: tuple[int, int], cfg: ConvCfg):
         super().__init__()
-        if cfg.stem_padding == "same":  # MindSpore's default, as the original: (0, 1) at stride 2
-            self.conv1 = nn.Conv2d(in_chs, widths[0], 3, stride=2, pad_mode="same", has_bias=False)
-        elif cfg.stem_padding == "symmetric":
-            self.conv1 = _conv(in_chs, widths[0], 3, stride=2, bias=False)
-        else:
+        if cfg.stem_padding not in ("same", "symmetric"):
             raise ValueError(f"unknown stem_padding '{cfg.stem_padding}'")
+        # "same": MindSpore's default, as the original: (0, 1) at stride 2
+        self.conv1 = Conv3x3(in_chs, widths[0], stride=2, same=cfg.stem_padding == "same")
         self.norm1 = BatchNormAct2d(widths[0], cfg.act, cfg.norm_eps, cfg.norm_momentum)
-        self.conv2 = _conv(widths[0], widths[1], 3, bias=False)
+        self.conv2 = Conv3x3(widths[0], widths[1])
 
     def construct(self, x):
         return self.conv2(self.norm1(self.conv1(x)))

@@ -34,8 +34,10 @@ MindSpore 2.10 workarounds, listed here once:
   own ``astype(float32)`` does not hold (in graph mode it does): ``LayerNorm2d`` at O3 then normalises in
   float16 and every gradient is NaN at any loss scale. Test that fails once that changes:
   ``tests/test_precision.py::test_mindspore_pynative_to_float_still_overrides_casts_inside_a_cell``.
-- ``O1``: the rewrite emits ``class DepthwiseConv2dOpt_1(DepthwiseConv2d, Conv2dOpt)`` while it named
-  the rewritten ``nn.Conv2d`` classes ``Conv2dOpt_<n>``: "NameError: name 'Conv2dOpt' is not defined",
+- ``O1``: the rewrite mishandles subclasses of ``nn.Conv2d`` (``DepthwiseConv2d``, ``Conv3x3``,
+  ``StridedConv1x1``): it emits classes built on a ``Conv2dOpt`` that it declares with the wrong
+  signature or not at all ("TypeError: Conv2dOpt.__init__() takes 1 positional argument but 2 were
+  given", before these cells "NameError: name 'Conv2dOpt' is not defined"),
   after writing a ``rewritten_network/`` folder into the working directory. Test that fails once
   MindSpore fixes it: ``tests/test_precision.py::test_mindspore_o1_rewrite_still_fails_on_this_network``.
 """
@@ -44,6 +46,7 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import nn
 
+from src import set_cpu_isa_cap
 from src.coatnet import GELU, BatchBroadcastAdd, BatchNormAct2d, LayerNorm2d, Softmax
 
 __all__ = ["AMP_LEVELS", "FLOAT32_CELLS", "apply_precision"]
@@ -79,6 +82,7 @@ def apply_precision(net: nn.Cell, amp_level: str, amp_dtype: str = "float16") ->
     dtype = _DTYPES[amp_dtype]
     net.to_float(dtype)
     _keep_float32(net, FLOAT32_CELLS[amp_level], dtype)
+    set_cpu_isa_cap(True)  # the fused CPU kernels take float32 only: float16 convolutions are MindSpore's
     return _CastOutput(net, ms.float32)
 
 

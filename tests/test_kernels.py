@@ -19,16 +19,18 @@ from src.coatnet import (
     GELU,
     BatchNormAct2d,
     ChannelGate,
+    Conv3x3,
     DepthwiseConv2d,
     LayerNorm2d,
     Softmax,
+    StridedConv1x1,
     create_model,
 )
 from src.kernels import use_fused_kernels, use_stock_ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-FUSED_CELLS = (GELU, DepthwiseConv2d, ChannelGate, Softmax, BatchNormAct2d, LayerNorm2d)
+FUSED_CELLS = (GELU, DepthwiseConv2d, Conv3x3, StridedConv1x1, ChannelGate, Softmax, BatchNormAct2d, LayerNorm2d)
 
 
 class _Fused(nn.Cell):
@@ -202,10 +204,10 @@ def test_building_a_model_compiles_nothing_until_use_fused_kernels(monkeypatch, 
 
     assert use_fused_kernels(net) is net
     assert all(c.fused is not None for c in fusable)
-    assert sorted(name.split("-")[0] for name in os.listdir(cache)) == ["batchnorm", "dwconv", "gelu", "layernorm",
-                                                                          "rows"]
+    assert sorted(name.split("-")[0] for name in os.listdir(cache)) == ["batchnorm", "dwconv", "gelu", "im2col",
+                                                                          "layernorm", "rows"]
     with open(log, encoding="utf-8") as f:
-        assert sum("-shared" in line for line in f) == 5  # each library compiled once, here
+        assert sum("-shared" in line for line in f) == 6  # each library compiled once, here
 
 
 def test_the_trainers_model_has_the_fused_kernels():
@@ -295,6 +297,57 @@ def test_fused_depthwise_conv_equals_stock_forward_and_gradients(shape, stride):
     for fused, stock in zip(results[0], results[1], strict=True):
         assert fused.shape == stock.shape
         np.testing.assert_allclose(fused, stock, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(stock).max()))
+
+
+def _conv_output_and_grads(conv, x, dy) -> list[np.ndarray]:
+    """[y, dx, dweight(, dbias)] of a convolution cell, as NumPy."""
+    y, vjp_fn = ms.vjp(conv, x, weights=conv.trainable_params())
+    dx, dparams = vjp_fn(dy)
+    dx = dx[0] if isinstance(dx, tuple) else dx
+    return [y.asnumpy(), dx.asnumpy(), *(g.asnumpy() for g in dparams)]
+
+
+def _fused_and_stock(make, shape):
+    """(fused, stock) results of two equal cells from ``make()`` at a random input and output gradient."""
+    rng = np.random.RandomState(0)
+    x = ms.Tensor(rng.randn(*shape).astype(np.float32))
+    fused, stock = make(), make()
+    for a, b in zip(fused.trainable_params(), stock.trainable_params(), strict=True):
+        b.set_data(a.data.copy())
+    _kernel_or_stock(fused, True)
+    dy = ms.Tensor(rng.randn(*fused(x).shape).astype(np.float32))
+    return _conv_output_and_grads(fused, x, dy), _conv_output_and_grads(use_stock_ops(stock), x, dy)
+
+
+@pytest.mark.parametrize(("stride", "same"), [(1, False), (2, False), (2, True)])
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 5, 9, 7), (1, 4, 1, 1), (2, 2, 2, 3), (2, 16, 30, 33)])
+def test_dense_3x3_conv_as_im2col_equals_stock_forward_and_gradients(shape, stride, same):
+    """The stem's 3x3 convolutions (stride 1 or 2; padding one each side, or MindSpore's "same", which pads
+    (0, 1) on an even size and (1, 1) on an odd one) as the im2col kernel and a 1x1 convolution."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    fused, stock = _fused_and_stock(lambda: Conv3x3(shape[1], 6, stride=stride, same=same), shape)
+    assert fused[0].shape == (shape[0], 6, (shape[2] - 1) // stride + 1, (shape[3] - 1) // stride + 1)
+    for a, b in zip(fused, stock, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(b).max()))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(2, 5, 10, 10), (2, 3, 9, 7), (1, 4, 1, 1)])
+def test_strided_1x1_conv_as_pool_and_1x1_conv_equals_stock(shape, bias):
+    ms.set_context(mode=ms.GRAPH_MODE)
+    fused, stock = _fused_and_stock(lambda: StridedConv1x1(shape[1], 6, 2, bias), shape)
+    assert fused[0].shape == (shape[0], 6, (shape[2] - 1) // 2 + 1, (shape[3] - 1) // 2 + 1)
+    assert len(fused) == (4 if bias else 3)
+    for a, b in zip(fused, stock, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(b).max()))
+
+
+def test_im2col_paddings_not_built_are_refused():
+    with pytest.raises(ValueError, match="stride 1 with padding before"):
+        kernels.im2col3x3(1, 0, 0)
+    with pytest.raises(ValueError, match="stride 3"):
+        kernels.im2col3x3(3, 1, 1)
 
 
 def test_depthwise_stride_other_than_1_or_2_is_refused():
@@ -439,3 +492,79 @@ def test_fused_layernorm2d_equals_stock_forward_and_gradients(shape):
         cell.beta.set_data(ms.Tensor(beta))
         results.append(_output_and_norm_grads(cell, x, dy))
     _assert_all_close(*results)
+
+
+_ISA_CHILD = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import src
+import mindspore as ms
+import numpy as np
+from mindspore import nn
+from src.cell_wrapper import TrainStep
+from src.coatnet import create_model
+from src.kernels import use_fused_kernels
+
+ms.set_context(mode=ms.GRAPH_MODE)
+net = use_fused_kernels(create_model(sys.argv[2], num_classes=10, image_size=32, drop_path_rate=0.0))
+print("ONEDNN_MAX_CPU_ISA", os.environ.get("ONEDNN_MAX_CPU_ISA"), flush=True)
+net.set_train(True)
+step = TrainStep(net, nn.AdamWeightDecay(net.trainable_params(), 1e-3))
+rng = np.random.RandomState(0)
+step(ms.Tensor(rng.randn(2, 3, 32, 32).astype(np.float32)), ms.Tensor(np.full((2, 10), 0.1, np.float32)))
+"""
+
+
+def _convolutions_run(tmp_path, model: str, **env) -> tuple[str, set[str]]:
+    """(ONEDNN_MAX_CPU_ISA after the model was built, oneDNN's convolution implementations) of one train
+    step of ``model`` in a fresh process that starts with the variable unset, as a user's run does."""
+    script = tmp_path / "isa_child.py"
+    script.write_text(_ISA_CHILD)
+    child_env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
+    child_env.update(ONEDNN_VERBOSE="1", **env)
+    out = subprocess.run([sys.executable, str(script), ROOT, model], env=child_env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    isa = next(line.split()[1] for line in out.stdout.splitlines() if line.startswith("ONEDNN_MAX_CPU_ISA"))
+    impls = {line.split(",")[6] for line in out.stdout.splitlines()
+             if line.startswith("onednn_verbose") and ",exec,cpu,convolution," in line}
+    return isa, impls
+
+
+def _cpu_has_avx512() -> bool:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        return " avx512f" in f.read()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["coatnet_tiny", "coatnet_nano_rw_224"])
+def test_fused_model_lifts_the_isa_cap_and_runs_no_reference_convolution(tmp_path, model):
+    """Every k x k or strided convolution of the fused model is a kernel or a 1x1 convolution, so the AVX2
+    cap is lifted: 1x1 convolutions take oneDNN's AVX-512 path where the CPU has it, none its reference path."""
+    isa, impls = _convolutions_run(tmp_path, model)
+    assert isa == "None" and impls
+    assert not [i for i in impls if "ref" in i], impls
+    if _cpu_has_avx512():
+        assert [i for i in impls if "avx512" in i], impls
+
+
+@pytest.mark.slow
+def test_stock_ops_keep_the_avx2_cap(tmp_path):
+    isa, impls = _convolutions_run(tmp_path, "coatnet_tiny", COATNET_CPU_KERNELS="0")
+    assert isa == "AVX2" and impls
+    assert not [i for i in impls if "ref" in i or "avx512" in i], impls
+
+
+def test_a_users_isa_setting_is_never_changed(monkeypatch):
+    import src
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    monkeypatch.setattr(src, "_ISA_CAP_IS_OURS", False)
+    src.set_cpu_isa_cap(False)
+    src.set_cpu_isa_cap(True)
+    assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE"
+    monkeypatch.setattr(src, "_ISA_CAP_IS_OURS", True)
+    src.set_cpu_isa_cap(False)
+    assert "ONEDNN_MAX_CPU_ISA" not in os.environ
+    src.set_cpu_isa_cap(True)
+    assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX2"

@@ -224,7 +224,8 @@ def test_mindspore_pynative_to_float_still_overrides_casts_inside_a_cell():
 
 
 def test_mindspore_o1_rewrite_still_fails_on_this_network(tmp_path):
-    """MindSpore 2.10's O1 rewrite cannot rebuild CoAtNet (DepthwiseConv2d subclasses nn.Conv2d), leaving a
+    """MindSpore 2.10's O1 rewrite cannot rebuild CoAtNet (DepthwiseConv2d, Conv3x3 and StridedConv1x1
+    subclass nn.Conv2d; the rewritten class it calls is Conv2dOpt, wrongly declared or not at all), leaving a
     rewritten_network/ folder in the working directory. When this fails, MindSpore has fixed it: allow O1
     in src/model_utils/config.py and src/precision.py."""
     code = ("import mindspore as ms; from src.coatnet import create_model; "
@@ -232,7 +233,7 @@ def test_mindspore_o1_rewrite_still_fails_on_this_network(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": ROOT})
     assert res.returncode != 0
-    assert "NameError: name 'Conv2dOpt' is not defined" in res.stderr
+    assert "Conv2dOpt" in res.stderr.strip().splitlines()[-1]
     assert os.path.isdir(tmp_path / "rewritten_network")
 
 

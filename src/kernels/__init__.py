@@ -2,7 +2,8 @@
 
 A model is built with MindSpore's own ops (``src.coatnet.create_model`` compiles nothing);
 ``use_fused_kernels(net)`` swaps these kernels into the cells that have one (GELU, LayerNorm2d,
-BatchNormAct2d, DepthwiseConv2d, ChannelGate, Softmax), and ``use_stock_ops(net)`` swaps them out again.
+BatchNormAct2d, DepthwiseConv2d, Conv3x3, StridedConv1x1, ChannelGate, Softmax), and ``use_stock_ops(net)``
+swaps them out again.
 
 Every getter has one shape: it returns one MindSpore ``Custom`` op (func_type "aot"), or None when the
 kernel cannot or should not be used: the device target is not CPU, ``COATNET_CPU_KERNELS=0`` is set, or
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     from mindspore import nn, ops
 
 __all__ = ["batchnorm_inference", "batchnorm_train", "channel_gate", "channel_gate_grad", "depthwise_conv3x3",
-           "gelu", "kernels_enabled", "layernorm2d", "softmax_grad", "use_fused_kernels", "use_stock_ops"]
+           "gelu", "im2col3x3", "kernels_enabled", "layernorm2d", "softmax_grad", "use_fused_kernels", "use_stock_ops"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _FLAGS = ["-std=c++17", "-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-pthread"]
@@ -47,22 +48,43 @@ _log = logging.getLogger(__name__)
 def use_fused_kernels(net: nn.Cell) -> nn.Cell:
     """Make every cell of ``net`` that has a fused CPU kernel (a ``set_fused`` method) run it where it
     applies: CPU device target, ``COATNET_CPU_KERNELS`` not 0, a compiler that builds it, float32 inputs
-    (checked at each call). Builds the libraries or takes them from the cache. Call after the device
-    target is set and before the network's first graph-mode call; returns ``net``."""
+    (checked at each call). Builds the libraries or takes them from the cache. When every k x k
+    convolution of ``net`` got its kernel, oneDNN's AVX2 cap is lifted (``src.set_cpu_isa_cap``): its
+    1x1 convolutions then take the AVX-512 path where the CPU has one. Call after the device target is
+    set and before the network's first graph-mode call; returns ``net``."""
+    from src import set_cpu_isa_cap
+
     for _, cell in net.cells_and_names():
         if hasattr(cell, "set_fused"):
             cell.set_fused(True)
+    set_cpu_isa_cap(not _all_kxk_convolutions_fused(net))
     return net
 
 
 def use_stock_ops(net: nn.Cell) -> nn.Cell:
     """Make every cell of ``net`` use MindSpore's own ops again (as built), so a graph exported from it runs
-    anywhere (a Custom op would tie it to this machine's compiled library). Call before the network's first
-    graph-mode call or export; returns ``net``."""
+    anywhere (a Custom op would tie it to this machine's compiled library); oneDNN's AVX2 cap is set
+    again. Call before the network's first graph-mode call or export; returns ``net``."""
+    from src import set_cpu_isa_cap
+
     for _, cell in net.cells_and_names():
         if hasattr(cell, "set_fused"):
             cell.set_fused(False)
+    set_cpu_isa_cap(True)
     return net
+
+
+def _all_kxk_convolutions_fused(net: nn.Cell) -> bool:
+    """True when no convolution of ``net`` larger than 1x1 or strided would run on MindSpore's own CPU op
+    (which takes oneDNN's reference path on AVX-512)."""
+    from mindspore import nn
+
+    for _, cell in net.cells_and_names():
+        if not isinstance(cell, nn.Conv2d) or getattr(cell, "fused", None) is not None:
+            continue
+        if tuple(cell.kernel_size) != (1, 1) or max(cell.stride) > 1:
+            return False
+    return True
 
 
 def kernels_enabled() -> bool:
@@ -205,6 +227,38 @@ def depthwise_conv3x3(stride: int = 1) -> ops.Custom | None:
     if stride not in (1, 2):
         raise ValueError(f"depthwise_conv3x3: stride must be 1 or 2, got {stride}")
     return _op(("dwconv.cc",), _depthwise_op, stride)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3x3 patch extraction (im2col), for dense 3x3 convolutions as 1x1 convolutions
+# --------------------------------------------------------------------------------------------------
+_IM2COL_PADDINGS = {1: ((1, 1),), 2: ((1, 1), (0, 0), (0, 1), (1, 0))}  # stride -> (top, left) built
+
+
+@functools.cache
+def _im2col_op(lib: str, stride: int, top: int, left: int):
+    name = f"3x3S{stride}T{top}L{left}"
+    backward = _custom(lib, f"Col2Im{name}", lambda dcol, x: x, lambda dcol, x: x)
+
+    def bprop(x, out, dout):
+        return (backward(dout, x),)
+
+    def out_shape(x):
+        # (H - 1) // stride + 1 rows for every padding built: stride 1 pads one each side; stride 2 pads
+        # one each side, or (MindSpore's "same") one after only when the size is even.
+        return [x[0], 9 * x[1], (x[2] - 1) // stride + 1, (x[3] - 1) // stride + 1]
+
+    return _custom(lib, f"Im2Col{name}", out_shape, lambda x: x, bprop)
+
+
+def im2col3x3(stride: int, top: int, left: int) -> ops.Custom | None:
+    """``op(x) -> col``: the nine 3x3 taps of each output pixel of x (B, C, H, W) as channels,
+    col[b, 9c + 3kh + kw, i, j] = x[b, c, stride i - top + kh, stride j - left + kw] (zero outside), so that
+    a 3x3 convolution is ``conv1x1(col, weight.reshape(O, 9C, 1, 1))``. ``stride`` 1 pads one each side;
+    ``stride`` 2 pads ``top`` / ``left`` (0 or 1) before and what makes (H - 1) // 2 + 1 rows after; or None."""
+    if (top, left) not in _IM2COL_PADDINGS.get(stride, ()):
+        raise ValueError(f"im2col3x3: stride {stride} with padding before ({top}, {left}) is not built")
+    return _op(("im2col.cc",), _im2col_op, stride, top, left)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -278,7 +278,7 @@ def _validate(c: Config) -> None:
                           ">= 0 (0: a fixed magnitude)")
     if c.amp_level == "O1":
         raise ConfigError("config key 'amp_level': O1 cannot run on MindSpore 2.10, whose network rewrite fails on "
-                          "this model (NameError: name 'Conv2dOpt' is not defined); use original, O2 or O3")
+                          "this model's nn.Conv2d subclasses (Conv2dOpt); use original, O2 or O3")
     if c.device_target == "CPU" and c.amp_level != "O0" and c.amp_dtype == "bfloat16":
         raise ConfigError(f"config key 'amp_dtype': bfloat16 with amp_level {c.amp_level} cannot run on "
                           "device_target CPU (MindSpore 2.10 has no CPU bfloat16 kernels for this model); "
