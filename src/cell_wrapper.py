@@ -68,6 +68,18 @@ class _NetWithLoss(nn.Cell):
         return self.loss_fn(self.network(images, drop_path_noise), target)
 
 
+class _ScaledLoss(nn.Cell):
+    """The loss times the loss scale (what is differentiated), and the loss itself as an auxiliary output."""
+
+    def __init__(self, net_with_loss: nn.Cell):
+        super().__init__(auto_prefix=False)
+        self.net_with_loss = net_with_loss
+
+    def construct(self, images, target, drop_path_noise, scale):
+        loss = self.net_with_loss(images, target, drop_path_noise)
+        return loss * scale.astype(loss.dtype), loss
+
+
 def _scale_grads(factor, grad):
     return grad * factor.astype(grad.dtype)
 
@@ -103,7 +115,12 @@ class TrainStep(nn.Cell):
         self.net_with_loss = _NetWithLoss(network, SoftTargetCrossEntropy())
         self.optimizer = optimizer
         self.weights = optimizer.parameters
-        self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+        # One forward pass gives the loss and the gradients. A separate `loss = net(...)` beside
+        # `grad(net)(...)` (MindSpore's TrainOneStepCell pattern) runs the forward twice when the network
+        # has side effects, as BatchNorm's running-statistics update: twice the forward time, and the
+        # running statistics moved twice per step (momentum 0.9 acting as 0.81).
+        self.loss_and_grads = ops.value_and_grad(_ScaledLoss(self.net_with_loss), grad_position=None,
+                                                 weights=self.weights, has_aux=True)
         self.loss_scale = Parameter(Tensor(loss_scale, ms.float32), name=state_name("loss_scale"), requires_grad=False)
         self.good_steps = Parameter(Tensor(0, ms.int32), name=state_name("good_steps"), requires_grad=False)
         self.scale_factor = float(scale_factor)
@@ -118,10 +135,8 @@ class TrainStep(nn.Cell):
         self.norm_as_matmul = ms.get_context("device_target") == "CPU"
 
     def construct(self, images, target, drop_path_noise=None):
-        loss = self.net_with_loss(images, target, drop_path_noise)
         scale = self.loss_scale.value()  # read now: the Parameter itself would return its updated value
-        sens = ops.ones_like(loss) * scale.astype(loss.dtype)
-        grads = self.grad(self.net_with_loss, self.weights)(images, target, drop_path_noise, sens)
+        (_, loss), grads = self.loss_and_grads(images, target, drop_path_noise, scale)
         if self.reducer is not None:
             grads = self.reducer(grads)
         grads = _hyper_map(ops.partial(_scale_grads, 1.0 / scale), grads)

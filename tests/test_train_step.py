@@ -184,3 +184,32 @@ def test_the_benchmark_builds_its_step_with_the_trainers_function(monkeypatch):
     finally:
         ms.set_context(mode=mode, jit_config=jit)
     assert built[0].clip and built[0].use_ema and built[0].ema_decay == 0.9999
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_one_forward_per_step_moves_batchnorm_statistics_once(fused):
+    """The step computes the loss and the gradients in one forward pass: BatchNorm's running statistics
+    take one momentum update per step (a separate loss pass beside the gradient pass ran the forward,
+    and so the update, twice)."""
+    from src.coatnet import BatchNormAct2d
+    from src.kernels import use_fused_kernels, use_stock_ops
+
+    class Net(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.norm = BatchNormAct2d(4, None, momentum=0.5)
+            self.head = nn.Dense(4, 10)
+
+        def construct(self, x):
+            return self.head(self.norm(x).mean(axis=(2, 3)))
+
+    net = Net()
+    (use_fused_kernels if fused else use_stock_ops)(net)
+    assert (net.norm.fused is not None) == fused
+    net.set_train(True)
+    step = TrainStep(net, nn.AdamWeightDecay(net.trainable_params(), 1e-3), clip_norm=None)
+    x = np.random.RandomState(0).randn(8, 4, 5, 5).astype(np.float32) + 3.0
+    loss, finite, _, _ = step(ms.Tensor(x), ms.Tensor(np.full((8, 10), 0.1, np.float32)))
+    assert bool(finite) and np.isfinite(loss.asnumpy())
+    batch_mean = x.mean(axis=(0, 2, 3))
+    np.testing.assert_allclose(net.norm.bn.moving_mean.asnumpy(), 0.5 * batch_mean, rtol=1e-5)  # twice: 0.75
