@@ -86,3 +86,35 @@ def test_sigint_still_arrives_as_sigterm_after_a_graph_run():
     """)
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "['SIGTERM']"
+
+
+_CONVOLUTIONS = textwrap.dedent("""
+    import mindspore as ms, numpy as np
+    from mindspore import nn
+    ms.set_context(mode=ms.GRAPH_MODE)
+    x = ms.Tensor(np.ones((2, 8, 12, 12), np.float32))
+    for conv in (nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 1, stride=2), nn.Conv2d(8, 8, 3, group=8), nn.Conv2d(8, 8, 1)):
+        conv(x).asnumpy()
+    """)
+
+
+def test_onednn_still_takes_its_reference_path_for_kxk_and_strided_convolutions_on_avx512():
+    """Why the suite caps oneDNN at AVX2 unless every k x k and strided convolution is a fused kernel or a
+    1x1 convolution (src/__init__.py, src.kernels.use_fused_kernels, Conv3x3, StridedConv1x1): with every
+    ISA allowed, MindSpore's bundled oneDNN runs dense 3x3, grouped 3x3 and strided 1x1 convolutions on its
+    reference implementation on an AVX-512 CPU (seconds per stem convolution), its plain 1x1 convolution
+    on AVX-512 brgemm. On a CPU without AVX-512 the variable changes nothing: no reference path either way."""
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
+    out = subprocess.run([sys.executable, "-c", _CONVOLUTIONS], env={**env, "ONEDNN_VERBOSE": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    impls = [line.split(",")[6] for line in out.stdout.splitlines()
+             if line.startswith("onednn_verbose") and ",exec,cpu,convolution," in line]
+    assert len(impls) == 4, out.stdout[-2000:]
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        avx512 = " avx512f" in f.read()
+    if avx512:
+        assert ["ref" in impl for impl in impls] == [True, True, True, False], impls
+        assert "avx512" in impls[3], impls
+    else:
+        assert not any("ref" in impl for impl in impls), impls
