@@ -343,6 +343,17 @@ def test_strided_1x1_conv_as_pool_and_1x1_conv_equals_stock(shape, bias):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(b).max()))
 
 
+@pytest.mark.parametrize("make", [lambda: Conv3x3(5, 6, stride=2, same=True), lambda: StridedConv1x1(5, 6, 2, True)])
+def test_stem_and_strided_convolutions_run_fused_in_pynative_mode(make):
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        fused, stock = _fused_and_stock(make, (2, 5, 9, 10))
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
+    for a, b in zip(fused, stock, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(b).max()))
+
+
 def test_im2col_paddings_not_built_are_refused():
     with pytest.raises(ValueError, match="stride 1 with padding before"):
         kernels.im2col3x3(1, 0, 0)
