@@ -50,6 +50,26 @@ inline void valid_columns(const Geometry &g, int kw, int64_t *lo, int64_t *hi) {
   if (*hi < *lo) *hi = *lo;
 }
 
+// Walks the rows of plane p's nine tap planes in col, in the order kh, kw, output row, calling
+// visit(col_row, inside, source_row, lo, hi): col_row is the row's offset in col; inside says whether
+// its source row lies in x (else it is padding); source_row is the offset in x of the source element
+// for output column 0 (shifted by the tap, so only columns [lo, hi) may be read through it).
+template <typename Visit>
+inline void for_each_tap_row(const Geometry &g, int64_t p, Visit visit) {
+  const int64_t in_area = g.height * g.width, out_area = g.out_height * g.out_width;
+  for (int kh = 0; kh < 3; ++kh) {
+    for (int kw = 0; kw < 3; ++kw) {
+      int64_t lo, hi;
+      valid_columns(g, kw, &lo, &hi);
+      const int64_t tap = (9 * p + 3 * kh + kw) * out_area, shift = kw - g.left;
+      for (int64_t oh = 0; oh < g.out_height; ++oh) {
+        const int64_t ih = oh * g.stride - g.top + kh;
+        visit(tap + oh * g.out_width, ih >= 0 && ih < g.height, p * in_area + ih * g.width + shift, lo, hi);
+      }
+    }
+  }
+}
+
 int im2col(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, int stride, int top,
            int left) {
   Geometry g;
@@ -57,35 +77,24 @@ int im2col(int nparam, void **params, int *ndims, int64_t **shapes, const char *
     return 1;
   const auto *x = static_cast<const float *>(params[0]);
   auto *col = static_cast<float *>(params[1]);
-  const int64_t in_area = g.height * g.width, out_area = g.out_height * g.out_width;
-  parallel_for(g.batch * g.channels, 9 * out_area, [=](int64_t begin, int64_t end) {
+  parallel_for(g.batch * g.channels, 9 * g.out_height * g.out_width, [=](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      const float *plane = x + p * in_area;
-      for (int kh = 0; kh < 3; ++kh) {
-        for (int kw = 0; kw < 3; ++kw) {
-          float *out = col + (9 * p + 3 * kh + kw) * out_area;
-          int64_t lo, hi;
-          valid_columns(g, kw, &lo, &hi);
-          const int64_t shift = kw - g.left;
-          for (int64_t oh = 0; oh < g.out_height; ++oh) {
-            float *row = out + oh * g.out_width;
-            const int64_t ih = oh * g.stride - g.top + kh;
-            if (ih < 0 || ih >= g.height) {
-              std::memset(row, 0, sizeof(float) * g.out_width);
-              continue;
-            }
-            const float *src = plane + ih * g.width + shift;
-            for (int64_t ow = 0; ow < lo; ++ow) row[ow] = 0.0f;
-            if (g.stride == 1) {
-              std::memcpy(row + lo, src + lo, sizeof(float) * (hi - lo));
-            } else {
-#pragma omp simd
-              for (int64_t ow = lo; ow < hi; ++ow) row[ow] = src[ow * 2];
-            }
-            for (int64_t ow = hi; ow < g.out_width; ++ow) row[ow] = 0.0f;
-          }
+      for_each_tap_row(g, p, [&](int64_t col_row, bool inside, int64_t source_row, int64_t lo, int64_t hi) {
+        float *row = col + col_row;
+        if (!inside) {
+          std::memset(row, 0, sizeof(float) * g.out_width);
+          return;
         }
-      }
+        const float *src = x + source_row;
+        for (int64_t ow = 0; ow < lo; ++ow) row[ow] = 0.0f;
+        if (g.stride == 1) {
+          std::memcpy(row + lo, src + lo, sizeof(float) * (hi - lo));
+        } else {
+#pragma omp simd
+          for (int64_t ow = lo; ow < hi; ++ow) row[ow] = src[ow * 2];
+        }
+        for (int64_t ow = hi; ow < g.out_width; ++ow) row[ow] = 0.0f;
+      });
     }
   });
   return 0;
@@ -99,32 +108,22 @@ int col2im(int nparam, void **params, int *ndims, int64_t **shapes, const char *
     return 1;
   const auto *dcol = static_cast<const float *>(params[0]);
   auto *dx = static_cast<float *>(params[2]);
-  const int64_t in_area = g.height * g.width, out_area = g.out_height * g.out_width;
-  parallel_for(g.batch * g.channels, 9 * out_area, [=](int64_t begin, int64_t end) {
+  const int64_t in_area = g.height * g.width;
+  parallel_for(g.batch * g.channels, 9 * g.out_height * g.out_width, [=](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      float *plane = dx + p * in_area;
-      std::memset(plane, 0, sizeof(float) * in_area);
+      std::memset(dx + p * in_area, 0, sizeof(float) * in_area);
       // Taps in the order kh, kw, rows ascending: the sum of each pixel adds its taps in one fixed order.
-      for (int kh = 0; kh < 3; ++kh) {
-        for (int kw = 0; kw < 3; ++kw) {
-          const float *in = dcol + (9 * p + 3 * kh + kw) * out_area;
-          int64_t lo, hi;
-          valid_columns(g, kw, &lo, &hi);
-          const int64_t shift = kw - g.left;
-          for (int64_t oh = 0; oh < g.out_height; ++oh) {
-            const int64_t ih = oh * g.stride - g.top + kh;
-            if (ih < 0 || ih >= g.height) continue;
-            float *dst = plane + ih * g.width + shift;
-            const float *row = in + oh * g.out_width;
-            if (g.stride == 1) {
+      for_each_tap_row(g, p, [&](int64_t col_row, bool inside, int64_t source_row, int64_t lo, int64_t hi) {
+        if (!inside) return;
+        float *dst = dx + source_row;
+        const float *row = dcol + col_row;
+        if (g.stride == 1) {
 #pragma omp simd
-              for (int64_t ow = lo; ow < hi; ++ow) dst[ow] += row[ow];
-            } else {
-              for (int64_t ow = lo; ow < hi; ++ow) dst[ow * 2] += row[ow];
-            }
-          }
+          for (int64_t ow = lo; ow < hi; ++ow) dst[ow] += row[ow];
+        } else {
+          for (int64_t ow = lo; ow < hi; ++ow) dst[ow * 2] += row[ow];
         }
-      }
+      });
     }
   });
   return 0;
