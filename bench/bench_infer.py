@@ -7,7 +7,8 @@ weights; nothing is downloaded. Ratios are against timm eager and against the fa
                                           [--iters 5] [--threads 2] [--compile_timeout 900]
 
 Each runtime is timed in its own child process, one after the other, so that no runtime's thread pool
-or allocator state touches another's; torch.compile past --compile_timeout is stopped and reported as
+or allocator state touches another's, and each with ONEDNN_MAX_CPU_ISA unset (as on a user's machine; the
+MINDIR child loads the file with MindSpore alone, none of our code in the graph); torch.compile past --compile_timeout is stopped and reported as
 such. The load average is printed with the figures (and each runtime's at its end): on a shared machine
 other processes move them. Everything printed, with the CPU model, the machine's nominal fp32 peak
 (``common.cpu_peak``) and the library versions, is written to bench/results/bench_infer_<UTC time>.json.
@@ -26,7 +27,16 @@ import sys
 import tempfile
 import time
 
-from common import base_parser, cpu_peak, describe_peak, median_time, run_child, write_results
+from common import (
+    base_parser,
+    child_env,
+    cpu_peak,
+    describe_peak,
+    drop_isa_if_asked,
+    median_time,
+    run_child,
+    write_results,
+)
 
 RUNTIMES = ("mindspore", "mindir", "onnx", "timm_eager", "torch_compile", "torch_compile_cl")
 COMPILED = ("torch_compile", "torch_compile_cl")
@@ -122,7 +132,7 @@ def _run_worker(kind: str, args, work_dir: str, timeout: float | None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), f"--worker={kind}", f"--work_dir={work_dir}",
            f"--model={args.model}", f"--batch_size={args.batch_size}", f"--image_size={args.image_size}",
            f"--iters={args.iters}", f"--threads={args.threads}"]
-    result = run_child(cmd, timeout)
+    result = run_child(cmd, timeout, child_env(None))
     return {"note": result["error"]} if "error" in result else result
 
 
@@ -135,6 +145,7 @@ def main() -> None:
     if args.iters < 5:
         ap.error("--iters must be >= 5 (the figure is a median)")
     if args.worker:
+        drop_isa_if_asked()
         result = _worker(args)
         print(json.dumps({**result, "load_1min": os.getloadavg()[0]}))
         return

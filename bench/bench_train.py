@@ -35,7 +35,16 @@ import statistics
 import sys
 import time
 
-from common import base_parser, count_macs, cpu_peak, describe_peak, run_child, write_results
+from common import (
+    base_parser,
+    child_env,
+    count_macs,
+    cpu_peak,
+    describe_peak,
+    drop_isa_if_asked,
+    run_child,
+    write_results,
+)
 
 TIMM_VARIANTS = {"timm": "timm eager", "timm_cl": "timm eager, channels-last",
                  "timm_compiled": "timm torch.compile, channels-last"}
@@ -118,16 +127,10 @@ def _alone(side: str, args, isa: str | None, iters: int, model: str | None = Non
            timeout: float | None = None) -> dict:
     """Run ``--only side`` (of ``model``, default ``--model``) in a child process with
     ONEDNN_MAX_CPU_ISA=isa (None: unset); past ``timeout`` seconds it is stopped and reported as such."""
-    env = dict(os.environ)
-    env.pop("ONEDNN_MAX_CPU_ISA", None)
-    if isa is not None:
-        env["ONEDNN_MAX_CPU_ISA"] = isa
-    else:
-        env["BENCH_ISA_UNSET"] = "1"  # src sets AVX2 on import; the child drops it again
     cmd = [sys.executable, __file__, "--only", side, "--model", model or args.model,
            "--batch_size", str(args.batch_size),
            "--image_size", str(args.image_size), "--iters", str(iters), "--threads", str(args.threads)]
-    return run_child(cmd, timeout, env)
+    return run_child(cmd, timeout, child_env(isa))
 
 
 def _run_only(args) -> None:
@@ -162,8 +165,7 @@ def main() -> None:
 
     if args.model not in TIMM_MODELS and args.only != "ours":
         ap.error(f"--model must be a timm-named variant ({', '.join(TIMM_MODELS)}) to race timm's model")
-    if os.environ.pop("BENCH_ISA_UNSET", None):
-        os.environ.pop("ONEDNN_MAX_CPU_ISA", None)  # before any oneDNN (MindSpore's or PyTorch's) runs
+    drop_isa_if_asked()
 
     if args.only != "ours":  # PyTorch stays out of ours' process (and out of its peak RSS)
         import torch

@@ -192,6 +192,27 @@ def write_results(script: str, payload: dict) -> str:
     return path
 
 
+def child_env(isa: str | None) -> dict:
+    """The environment for a benchmark child with ONEDNN_MAX_CPU_ISA=isa, or (None) with it unset, as on a
+    user's machine: importing this module (through ``src``) sets AVX2 in this process, which a child would
+    otherwise inherit as if the user had set it; the child drops it again in ``drop_isa_if_asked``."""
+    env = dict(os.environ)
+    env.pop("ONEDNN_MAX_CPU_ISA", None)
+    if isa is not None:
+        env["ONEDNN_MAX_CPU_ISA"] = isa
+    else:
+        env["BENCH_ISA_UNSET"] = "1"
+    return env
+
+
+def drop_isa_if_asked() -> None:
+    """In a child started with ``child_env(None)``: unset ONEDNN_MAX_CPU_ISA before any oneDNN (MindSpore's or
+    PyTorch's) runs. ``src`` still counts the setting as its own, so ``use_fused_kernels`` and
+    ``use_stock_ops`` decide as they do for a user."""
+    if os.environ.pop("BENCH_ISA_UNSET", None):
+        os.environ.pop("ONEDNN_MAX_CPU_ISA", None)
+
+
 def run_child(cmd: list[str], timeout: float | None = None, env: dict | None = None) -> dict:
     """Run a benchmark child that prints its figures as JSON on its last stdout line. In its own session, so
     that a timeout also stops torch inductor's compile workers. Returns {"error": ...} when it fails or runs
