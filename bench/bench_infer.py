@@ -7,8 +7,11 @@ weights; nothing is downloaded. Ratios are against timm eager and against the fa
                                           [--iters 5] [--threads 2] [--compile_timeout 900]
 
 Each runtime is timed in its own child process, one after the other, so that no runtime's thread pool
-or allocator state touches another's, and each with ONEDNN_MAX_CPU_ISA unset (as on a user's machine; the
-MINDIR child loads the file with MindSpore alone, none of our code in the graph); torch.compile past --compile_timeout is stopped and reported as
+or allocator state touches another's, and each with ONEDNN_MAX_CPU_ISA unset (as on a user's machine: the
+MINDIR child loads the file with MindSpore alone, none of our code in the graph), except "MINDIR, ISA AVX2":
+the same file with ONEDNN_MAX_CPU_ISA=AVX2, as our infer.py / eval.py run it (``src`` sets it on import) and as
+README tells anyone running the file on a CPU with AVX-512 (MindSpore 2.10's oneDNN takes its reference path
+for k x k convolutions there); torch.compile past --compile_timeout is stopped and reported as
 such. The load average is printed with the figures (and each runtime's at its end): on a shared machine
 other processes move them. Everything printed, with the CPU model, the machine's nominal fp32 peak
 (``common.cpu_peak``) and the library versions, is written to bench/results/bench_infer_<UTC time>.json.
@@ -38,9 +41,11 @@ from common import (
     write_results,
 )
 
-RUNTIMES = ("mindspore", "mindir", "onnx", "timm_eager", "torch_compile", "torch_compile_cl")
+RUNTIMES = ("mindspore", "mindir", "mindir_avx2", "onnx", "timm_eager", "torch_compile", "torch_compile_cl")
 COMPILED = ("torch_compile", "torch_compile_cl")
+ISA = {"mindir_avx2": "AVX2"}  # ONEDNN_MAX_CPU_ISA of a child; unset for the others
 LABELS = {"mindspore": "MindSpore graph (Python model)", "mindir": "MINDIR (GraphCell)",
+          "mindir_avx2": "MINDIR (GraphCell), ISA AVX2",
           "onnx": "ONNX (onnxruntime)", "timm_eager": "timm eager", "torch_compile": "timm torch.compile",
           "torch_compile_cl": "timm torch.compile channels-last"}
 
@@ -107,7 +112,7 @@ def _worker(args) -> dict:
     ms.set_context(mode=ms.GRAPH_MODE, jit_config={"jit_level": "O1"})
     ms.device_context.cpu.op_tuning.threads_num(args.threads)  # MindSpore's default is 25
     xt = ms.Tensor(x)
-    if kind == "mindir":
+    if kind in ("mindir", "mindir_avx2"):
         graph = ms.nn.GraphCell(ms.load(os.path.join(args.work_dir, "model.mindir")))
         diff = np.abs(graph(xt).asnumpy() - np.load(ref_path)).max()
         return {"img_s": args.batch_size / median_time(lambda: graph(xt).asnumpy(), args.iters),
@@ -132,7 +137,7 @@ def _run_worker(kind: str, args, work_dir: str, timeout: float | None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), f"--worker={kind}", f"--work_dir={work_dir}",
            f"--model={args.model}", f"--batch_size={args.batch_size}", f"--image_size={args.image_size}",
            f"--iters={args.iters}", f"--threads={args.threads}"]
-    result = run_child(cmd, timeout, child_env(None))
+    result = run_child(cmd, timeout, child_env(ISA.get(kind)))
     return {"note": result["error"]} if "error" in result else result
 
 
@@ -178,10 +183,12 @@ def main() -> None:
         load = f"{r['load_1min']:>5.2f}" if "load_1min" in r else f"{'-':>5}"
         figures = f"{value:>8.2f} {vs_eager} {vs_compile} {load}" if value else f"{'-':>8} {'-':>14} {'-':>16} {load}"
         print(f"{LABELS[kind]:<34} {figures}  {r.get('note', '')}".rstrip())
-    graph, mindir = results["mindspore"].get("img_s"), results["mindir"].get("img_s")
-    if graph and mindir:
-        ratios["graph_vs_mindir"] = graph / mindir
-        print(f"MINDIR is {graph / mindir:.2f}x slower than the MindSpore graph (Python model)")
+    graph = results["mindspore"].get("img_s")
+    for kind in ("mindir", "mindir_avx2"):
+        mindir = results[kind].get("img_s")
+        if graph and mindir:
+            ratios[f"graph_vs_{kind}"] = graph / mindir
+            print(f"{LABELS[kind]} is {graph / mindir:.2f}x slower than the MindSpore graph (Python model)")
     if best:
         print(f"best torch.compile: {LABELS[best]}")
     path = write_results("bench_infer", {
