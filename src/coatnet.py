@@ -667,6 +667,12 @@ class Attention2d(nn.Cell):
         self.matmul_nt = ops.BatchMatMul(transpose_b=True)
         self.add_bias = BatchBroadcastAdd()
         self.softmax = Softmax()
+        self.fused = None
+
+    def set_fused(self, on: bool) -> None:
+        """The bias add and the softmax as one fused CPU kernel of ``src.kernels`` (``on``: see
+        ``src.kernels.use_fused_kernels``) for float32 scores and values, else the two cells."""
+        self.fused = kernels.bias_softmax() if on else None
 
     def construct(self, x):
         b, _, h, w = x.shape
@@ -676,9 +682,12 @@ class Attention2d(nn.Cell):
         if self.qk_scale_split:
             k = k * self.scale
         attn = self.matmul_tn(q * self.scale, k)  # q^T k: B, heads, N, N
-        # Softmax and the bias add in float32: safe under float16 mixed precision.
-        attn = self.add_bias(attn.astype(ms.float32), self.rel_pos())
-        attn = self.softmax(attn).astype(v.dtype)
+        if self.fused is not None and attn.dtype == ms.float32:
+            attn = self.fused(attn, self.rel_pos()).astype(v.dtype)
+        else:
+            # Softmax and the bias add in float32: safe under float16 mixed precision.
+            attn = self.add_bias(attn.astype(ms.float32), self.rel_pos())
+            attn = self.softmax(attn).astype(v.dtype)
         out = self.matmul_nt(v, attn).reshape(b, -1, h, w)  # v attn^T
         return self.proj(out)
 

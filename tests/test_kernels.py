@@ -17,6 +17,7 @@ from mindspore import nn, ops
 from src import kernels
 from src.coatnet import (
     GELU,
+    Attention2d,
     BatchNormAct2d,
     ChannelGate,
     Conv3x3,
@@ -30,7 +31,8 @@ from src.kernels import use_fused_kernels, use_stock_ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-FUSED_CELLS = (GELU, DepthwiseConv2d, Conv3x3, StridedConv1x1, ChannelGate, Softmax, BatchNormAct2d, LayerNorm2d)
+FUSED_CELLS = (GELU, DepthwiseConv2d, Conv3x3, StridedConv1x1, ChannelGate, Softmax, BatchNormAct2d, LayerNorm2d,
+               Attention2d)
 
 
 class _Fused(nn.Cell):
@@ -381,6 +383,35 @@ def test_softmax_gradient_equals_stock(fused):
                for cell in (_kernel_or_stock(Softmax(), fused), _SoftmaxStock())]
     for a, b in zip(results[0], results[1], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+class _BiasSoftmax(nn.Cell):
+    def __init__(self, fused: bool):
+        super().__init__()
+        self.op = kernels.bias_softmax() if fused else None
+        assert self.op is not None or not fused, "the fused kernel must build on the CPU test machine"
+
+    def construct(self, x, bias):
+        return self.op(x, bias) if self.op is not None else ops.softmax(x + bias, axis=-1)
+
+
+@pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
+def test_bias_softmax_equals_stock_forward_and_gradients(mode):
+    """softmax(scores + relative-position bias) fused: output and the gradients of the scores and of the
+    bias (summed over the batch), against MindSpore's add and softmax; large scores, a row of -1e30 masks."""
+    ms.set_context(mode=mode)
+    rng = np.random.RandomState(0)
+    x = rng.randn(3, 4, 49, 49).astype(np.float32) * 8
+    x[0, 0, 0, :] = -1e30  # every entry equal: the maximum subtracted leaves exp(0) = 1 each
+    x[1, 2, 5, :] = 80.0 + rng.randn(49)  # exp would overflow without the maximum subtracted
+    bias = rng.randn(1, 4, 49, 49).astype(np.float32)
+    dy = ms.Tensor(rng.randn(3, 4, 49, 49).astype(np.float32))
+    results = [_output_and_input_grads(_BiasSoftmax(fused), (ms.Tensor(x), ms.Tensor(bias)), dy)
+               for fused in (True, False)]
+    assert results[0][2].shape == (1, 4, 49, 49)
+    for a, b in zip(results[0], results[1], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    ms.set_context(mode=ms.GRAPH_MODE)
 
 
 class _GateStock(nn.Cell):

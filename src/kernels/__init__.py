@@ -2,7 +2,7 @@
 
 A model is built with MindSpore's own ops (``src.coatnet.create_model`` compiles nothing);
 ``use_fused_kernels(net)`` swaps these kernels into the cells that have one (GELU, LayerNorm2d,
-BatchNormAct2d, DepthwiseConv2d, Conv3x3, StridedConv1x1, ChannelGate, Softmax), and ``use_stock_ops(net)``
+BatchNormAct2d, DepthwiseConv2d, Conv3x3, StridedConv1x1, ChannelGate, Softmax, Attention2d), and ``use_stock_ops(net)``
 swaps them out again.
 
 Every getter has one shape: it returns one MindSpore ``Custom`` op (func_type "aot"), or None when the
@@ -37,8 +37,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from mindspore import nn, ops
 
-__all__ = ["batchnorm_inference", "batchnorm_train", "channel_gate", "channel_gate_grad", "depthwise_conv3x3",
-           "gelu", "im2col3x3", "kernels_enabled", "layernorm2d", "softmax_grad", "use_fused_kernels", "use_stock_ops"]
+__all__ = ["batchnorm_inference", "batchnorm_train", "bias_softmax", "channel_gate", "channel_gate_grad",
+           "depthwise_conv3x3", "gelu", "im2col3x3", "kernels_enabled", "layernorm2d", "softmax_grad",
+           "use_fused_kernels", "use_stock_ops"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _FLAGS = ["-std=c++17", "-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-pthread"]
@@ -292,6 +293,27 @@ def channel_gate_grad() -> ops.Custom | None:
 @functools.cache
 def _softmax_grad_op(lib: str):
     return _custom(lib, "SoftmaxBackward", lambda y, dy: y, lambda y, dy: y)
+
+
+@functools.cache
+def _bias_softmax_op(lib: str):
+    from mindspore import ops
+
+    backward = _softmax_grad_op(lib)
+
+    def bprop(x, bias, out, dout):
+        dx = backward(out, dout)
+        # the bias gradient sums dx over the batch: a matrix-vector product (ReduceSum is slow on CPU)
+        ones = ops.ones((1, dx.shape[0]), dx.dtype)
+        return dx, ops.matmul(ones, dx.reshape(dx.shape[0], -1)).reshape(bias.shape)
+
+    return _custom(lib, "BiasSoftmaxForward", lambda x, b: x, lambda x, b: x, bprop)
+
+
+def bias_softmax() -> ops.Custom | None:
+    """``op(x, bias) = softmax(x + bias)`` over the last axis, ``bias`` (1, ...) broadcast over the batch
+    (attention scores plus the relative-position bias), with its gradient; or None."""
+    return _op(("rows.cc",), _bias_softmax_op)
 
 
 def softmax_grad() -> ops.Custom | None:
