@@ -441,9 +441,27 @@ class DropPath(nn.Cell):
         return x / self.keep_prob * ops.floor(self.keep_prob + u)
 
 
+class AvgPool2x2(nn.AvgPool2d):
+    """``nn.AvgPool2d(2, 2)`` that, after ``set_fused(True)``, runs the fused CPU kernel of ``src.kernels`` on
+    float32 inputs (forward and gradient), else MindSpore's pooling."""
+
+    def __init__(self):
+        super().__init__(kernel_size=2, stride=2)
+        self.fused = None
+
+    def set_fused(self, on: bool) -> None:
+        """The fused kernel where it applies (``on``: see ``src.kernels.use_fused_kernels``), else MindSpore's op."""
+        self.fused = kernels.avg_pool2x2() if on else None
+
+    def construct(self, x):
+        if self.fused is not None and x.dtype == ms.float32:
+            return self.fused(x)
+        return self.avg_pool(x)
+
+
 def _pool2x2(kind: str) -> nn.Cell:
     if kind == "avg":
-        return nn.AvgPool2d(kernel_size=2, stride=2)
+        return AvgPool2x2()
     if kind == "max":
         # The original's 'same' 2x2 max pool (ExtractImagePatches + ReduceMax): no padding on the even
         # sizes a CoAtNet sees, so this is the same operation with a CPU kernel.

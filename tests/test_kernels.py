@@ -18,6 +18,7 @@ from src import kernels
 from src.coatnet import (
     GELU,
     Attention2d,
+    AvgPool2x2,
     BatchNormAct2d,
     ChannelGate,
     Conv3x3,
@@ -32,7 +33,10 @@ from src.kernels import use_fused_kernels, use_stock_ops
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FUSED_CELLS = (GELU, DepthwiseConv2d, Conv3x3, StridedConv1x1, ChannelGate, Softmax, BatchNormAct2d, LayerNorm2d,
-               Attention2d)
+               Attention2d, AvgPool2x2)
+# the fused cells of the original network (coatnet_tiny): it pools with max; AvgPool2x2 is in timm's structures
+# (tests/test_model.py's parity tests run those with the fused kernels)
+ORIGINAL_FUSED = set(FUSED_CELLS) - {AvgPool2x2}
 
 
 class _Fused(nn.Cell):
@@ -148,7 +152,8 @@ def test_model_uses_fused_kernels_and_stock_ops_give_the_same_gradients():
     # No stochastic depth: the two nets would drop different paths.
     fused_net = use_fused_kernels(create_model("coatnet_tiny", num_classes=5, image_size=32, drop_path_rate=0.0))
     fusable = [c for _, c in fused_net.cells_and_names() if isinstance(c, FUSED_CELLS)]
-    assert {type(c) for c in fusable} == set(FUSED_CELLS) and all(c.fused is not None for c in fusable)
+    assert {type(c) for c in fusable} == ORIGINAL_FUSED
+    assert all(c.fused is not None for c in fusable)
     stock_net = use_fused_kernels(create_model("coatnet_tiny", num_classes=5, image_size=32, drop_path_rate=0.0))
     ms.load_param_into_net(stock_net, {p.name: p for p in fused_net.get_parameters()}, strict_load=True)
     assert use_stock_ops(stock_net) is stock_net
@@ -201,7 +206,8 @@ def test_building_a_model_compiles_nothing_until_use_fused_kernels(monkeypatch, 
     ms.set_context(device_target="CPU")
     net = create_model("coatnet_tiny", num_classes=5, image_size=32)
     fusable = [c for _, c in net.cells_and_names() if isinstance(c, FUSED_CELLS)]
-    assert {type(c) for c in fusable} == set(FUSED_CELLS) and all(c.fused is None for c in fusable)
+    assert {type(c) for c in fusable} == ORIGINAL_FUSED
+    assert all(c.fused is None for c in fusable)
     assert not os.path.exists(log) and not cache.exists()  # no compiler ran, no library was looked for
 
     assert use_fused_kernels(net) is net
@@ -220,7 +226,7 @@ def test_the_trainers_model_has_the_fused_kernels():
     net = build_model(load_config(["--model_name=coatnet_tiny", "--num_classes=5", "--image_height=32",
                                    "--image_width=32"]))
     fusable = [c for _, c in net.cells_and_names() if isinstance(c, FUSED_CELLS)]
-    assert {type(c) for c in fusable} == set(FUSED_CELLS) and all(c.fused is not None for c in fusable)
+    assert {type(c) for c in fusable} == ORIGINAL_FUSED and all(c.fused is not None for c in fusable)
 
 
 def test_the_converter_builds_no_kernels(tmp_path):
@@ -412,6 +418,25 @@ def test_bias_softmax_equals_stock_forward_and_gradients(mode):
     for a, b in zip(results[0], results[1], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     ms.set_context(mode=ms.GRAPH_MODE)
+
+
+@pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
+@pytest.mark.parametrize("size", [(8, 6), (7, 9)])
+def test_avg_pool2x2_equals_stock_forward_and_gradient(mode, size):
+    """The fused 2x2 average pool against MindSpore's nn.AvgPool2d(2, 2): output and input gradient, even
+    sizes and odd ones (the last row / column left out, its gradient zero)."""
+    ms.set_context(mode=mode)
+    rng = np.random.RandomState(0)
+    x = ms.Tensor(rng.randn(3, 70, *size).astype(np.float32))
+    dy = ms.Tensor(rng.randn(3, 70, size[0] // 2, size[1] // 2).astype(np.float32))
+    results = [_output_and_input_grads(cell, (x,), dy)
+               for cell in (_kernel_or_stock(AvgPool2x2(), True), nn.AvgPool2d(2, 2), use_stock_ops(AvgPool2x2()))]
+    ms.set_context(mode=ms.GRAPH_MODE)
+    for fused, stock in ((results[0], results[1]), (results[2], results[1])):
+        for a, b in zip(fused, stock, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    if size[0] % 2:
+        assert not results[0][1][:, :, -1, :].any() and not results[0][1][:, :, :, -1].any()
 
 
 class _GateStock(nn.Cell):

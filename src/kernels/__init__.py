@@ -2,8 +2,8 @@
 
 A model is built with MindSpore's own ops (``src.coatnet.create_model`` compiles nothing);
 ``use_fused_kernels(net)`` swaps these kernels into the cells that have one (GELU, LayerNorm2d,
-BatchNormAct2d, DepthwiseConv2d, Conv3x3, StridedConv1x1, ChannelGate, Softmax, Attention2d), and ``use_stock_ops(net)``
-swaps them out again.
+BatchNormAct2d, DepthwiseConv2d, Conv3x3, StridedConv1x1, AvgPool2x2, ChannelGate, Softmax, Attention2d), and
+``use_stock_ops(net)`` swaps them out again.
 
 Every getter has one shape: it returns one MindSpore ``Custom`` op (func_type "aot"), or None when the
 kernel cannot or should not be used: the device target is not CPU, ``COATNET_CPU_KERNELS=0`` is set, or
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from mindspore import nn, ops
 
-__all__ = ["batchnorm_inference", "batchnorm_train", "bias_softmax", "channel_gate", "channel_gate_grad",
+__all__ = ["avg_pool2x2", "batchnorm_inference", "batchnorm_train", "bias_softmax", "channel_gate", "channel_gate_grad",
            "depthwise_conv3x3", "gelu", "im2col3x3", "kernels_enabled", "layernorm2d", "softmax_grad",
            "use_fused_kernels", "use_stock_ops"]
 
@@ -228,6 +228,25 @@ def depthwise_conv3x3(stride: int = 1) -> ops.Custom | None:
     if stride not in (1, 2):
         raise ValueError(f"depthwise_conv3x3: stride must be 1 or 2, got {stride}")
     return _op(("dwconv.cc",), _depthwise_op, stride)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2x2 average pooling
+# --------------------------------------------------------------------------------------------------
+@functools.cache
+def _avg_pool2x2_op(lib: str):
+    backward = _custom(lib, "AvgPool2x2Backward", lambda dy, x: x, lambda dy, x: x)
+
+    def bprop(x, out, dout):
+        return (backward(dout, x),)
+
+    return _custom(lib, "AvgPool2x2Forward", lambda x: [x[0], x[1], x[2] // 2, x[3] // 2], lambda x: x, bprop)
+
+
+def avg_pool2x2() -> ops.Custom | None:
+    """``op(x)``: 2x2 average pooling, stride 2, no padding (``nn.AvgPool2d(2, 2)``), with its gradient; or
+    None."""
+    return _op(("pool.cc",), _avg_pool2x2_op)
 
 
 # --------------------------------------------------------------------------------------------------
