@@ -41,6 +41,15 @@ enum class Source {
   kZeroInserted,  // stride-2 input gradient: dy row with a zero after every element, padded; as kRows
 };
 
+// odd[m] = src[2m], even[m] = src[2m + 1], m < pairs (distinct buffers, so the loop vectorises).
+inline void split_columns(const float *__restrict src, float *__restrict even, float *__restrict odd, int64_t pairs) {
+#pragma omp simd
+  for (int64_t m = 0; m < pairs; ++m) {
+    odd[m] = src[2 * m];
+    even[m] = src[2 * m + 1];
+  }
+}
+
 // The nine tap rows of one output row, built in per-thread scratch.
 class Taps {
  public:
@@ -81,12 +90,13 @@ class Taps {
         for (int kw = 0; kw < 3; ++kw) taps[3 * kh + kw] = p + kw;
       } else {
         // padded column c + 1 = x[c]; even[m] = padded[2m], odd[m] = padded[2m + 1]
-        const int64_t half = src_width_ / 2 + 2;
+        const int64_t half = src_width_ / 2 + 2, pairs = src_width_ / 2;
         float *even = p, *odd = p + half;
+        split_columns(src, even + 1, odd, pairs);
         even[0] = 0.0f;
-        for (int64_t m = 0; 2 * m < src_width_; ++m) {
-          odd[m] = src[2 * m];
-          even[m + 1] = 2 * m + 1 < src_width_ ? src[2 * m + 1] : 0.0f;
+        if (src_width_ % 2) {
+          odd[pairs] = src[src_width_ - 1];
+          even[pairs + 1] = 0.0f;
         }
         taps[3 * kh] = even;
         taps[3 * kh + 1] = odd;
