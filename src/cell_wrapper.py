@@ -8,8 +8,9 @@ all-reduce (data parallel) -> unscale -> overflow check -> clip by global norm -
 MindSpore's ``nn.TrainOneStepWithLossScaleCell`` cannot be used: on CPU its overflow check needs
 NPUGetFloatStatusV2 ("Unsupported op [NPUGetFloatStatusV2] on CPU"). The check here is that the
 global gradient norm (needed for clipping anyway) is finite: an inf or NaN anywhere makes it inf or
-NaN. It also flags finite gradients whose norm overflows float32 (> 3.4e38), which no useful step
-has. Unlike ``ms.amp.all_finite`` (an IsFinite + ReduceAll per tensor, ~3 % of a CoAtNet-0 CPU
+NaN. It is taken over the scaled gradients, so it also flags finite scaled gradients whose norm overflows
+float32 (> 1.8e19 before the sum of squares overflows; at the initial scale 2^24 an unscaled norm above
+~1e12), which no useful step has and which dynamic loss scaling exists to catch. Unlike ``ms.amp.all_finite`` (an IsFinite + ReduceAll per tensor, ~3 % of a CoAtNet-0 CPU
 step) it costs one scalar op, on every device. On CPU each gradient's sum of squares is a 1 x n by
 n x 1 MatMul: MindSpore's CPU ReduceSum over all axes of a weight tensor ran at a quarter of that
 speed (~0.1 s of a CoAtNet-0 step). Elsewhere it stays a square-and-sum (an fp32 MatMul may run in
@@ -139,13 +140,15 @@ class TrainStep(nn.Cell):
         (_, loss), grads = self.loss_and_grads(images, target, drop_path_noise, scale)
         if self.reducer is not None:
             grads = self.reducer(grads)
-        grads = _hyper_map(ops.partial(_scale_grads, 1.0 / scale), grads)
-        grad_norm = ops.sqrt(ops.stack([_sum_of_squares(g, self.norm_as_matmul) for g in grads]).sum())
+        # The norm of the scaled gradients, then unscaled: one pass over the gradients fewer than unscaling
+        # them first, and the same bits for a power-of-two scale (scaling by one is exact).
+        grad_norm = ops.sqrt(ops.stack([_sum_of_squares(g, self.norm_as_matmul) for g in grads]).sum()) / scale
         finite = ops.isfinite(grad_norm)
+        factor = 1.0 / scale
         if self.clip:
             # Same rule as ops.clip_by_global_norm, reusing the norm computed above.
-            factor = self.clip_norm / ops.maximum(grad_norm, self.clip_norm)
-            grads = _hyper_map(ops.partial(_scale_grads, factor), grads)
+            factor = factor * (self.clip_norm / ops.maximum(grad_norm, self.clip_norm))
+        grads = _hyper_map(ops.partial(_scale_grads, factor), grads)  # unscale and clip in one pass
         if finite:
             loss = ops.depend(loss, self.optimizer(grads))
             if self.use_ema:
