@@ -8,10 +8,11 @@ all-reduce (data parallel) -> unscale -> overflow check -> clip by global norm -
 MindSpore's ``nn.TrainOneStepWithLossScaleCell`` cannot be used: on CPU its overflow check needs
 NPUGetFloatStatusV2 ("Unsupported op [NPUGetFloatStatusV2] on CPU"). The check here is that the
 global gradient norm (needed for clipping anyway) is finite: an inf or NaN anywhere makes it inf or
-NaN. It is taken over the scaled gradients, so it also flags finite scaled gradients whose norm overflows
-float32 (> 1.8e19 before the sum of squares overflows; at the initial scale 2^24 an unscaled norm above
-~1e12), which no useful step has and which dynamic loss scaling exists to catch. Unlike ``ms.amp.all_finite`` (an IsFinite + ReduceAll per tensor, ~3 % of a CoAtNet-0 CPU
-step) it costs one scalar op, on every device. On CPU each gradient's sum of squares is a 1 x n by
+NaN. It is taken over the scaled gradients, so it also flags finite scaled gradients whose norm
+overflows float32 (> 1.8e19 before the sum of squares overflows; at the initial scale 2^24 an unscaled
+norm above ~1e12), which no useful step has and which dynamic loss scaling exists to catch. Unlike
+``ms.amp.all_finite`` (an IsFinite + ReduceAll per tensor, ~3 % of a CoAtNet-0 CPU step) it costs one
+scalar op, on every device. On CPU each gradient's sum of squares is a 1 x n by
 n x 1 MatMul: MindSpore's CPU ReduceSum over all axes of a weight tensor ran at a quarter of that
 speed (~0.1 s of a CoAtNet-0 step). Elsewhere it stays a square-and-sum (an fp32 MatMul may run in
 fp16 on Ascend, where squared gradients can overflow).
