@@ -689,7 +689,7 @@ class Attention2d(nn.Cell):
 
     def set_fused(self, on: bool) -> None:
         """The bias add and the softmax as one fused CPU kernel of ``src.kernels`` (``on``: see
-        ``src.kernels.use_fused_kernels``) for float32 scores and values, else the two cells."""
+        ``src.kernels.use_fused_kernels``) for float32 scores (no mixed precision), else the two cells."""
         self.fused = kernels.bias_softmax() if on else None
 
     def construct(self, x):
