@@ -8,13 +8,14 @@ weights; nothing is downloaded. Ratios are against timm eager and against the fa
 
 Each runtime is timed in its own child process, one after the other, so that no runtime's thread pool
 or allocator state touches another's, and each with ONEDNN_MAX_CPU_ISA unset (as on a user's machine: the
-MINDIR child loads the file with MindSpore alone, none of our code in the graph), except "MINDIR, ISA AVX2":
-the same file with ONEDNN_MAX_CPU_ISA=AVX2, as our infer.py / eval.py run it (``src`` sets it on import) and as
-README tells anyone running the file on a CPU with AVX-512 (MindSpore 2.10's oneDNN takes its reference path
-for k x k convolutions there); torch.compile past --compile_timeout is stopped and reported as
-such. The load average is printed with the figures (and each runtime's at its end): on a shared machine
-other processes move them. Everything printed, with the CPU model, the machine's nominal fp32 peak
-(``common.cpu_peak``) and the library versions, is written to bench/results/bench_infer_<UTC time>.json.
+MINDIR child loads the file with MindSpore alone, none of our code in the graph), except "MINDIR
+(GraphCell), ISA AVX2": the same file with ONEDNN_MAX_CPU_ISA=AVX2, as our infer.py / eval.py run it
+(``src`` sets it on import) and as README tells anyone running the file on a CPU with AVX-512 (MindSpore
+2.10's oneDNN takes its reference path for k x k convolutions there); torch.compile past --compile_timeout
+is stopped and reported as such. The load average is printed with the figures (and each runtime's at its
+end): on a shared machine other processes move them. Everything printed, with the CPU model, the machine's
+nominal fp32 peak (``common.cpu_peak``) and the library versions, is written to
+bench/results/bench_infer_<UTC time>.json.
 
 A timm-named ``--model`` is compared with timm's model of that name (the same network). For the original
 MindSpore variants (``coatnet_0`` ...) the reference is timm's structure of the same size
@@ -43,6 +44,7 @@ from common import (
 
 RUNTIMES = ("mindspore", "mindir", "mindir_avx2", "onnx", "timm_eager", "torch_compile", "torch_compile_cl")
 COMPILED = ("torch_compile", "torch_compile_cl")
+MINDIRS = ("mindir", "mindir_avx2")  # the same exported file, two ISA settings
 ISA = {"mindir_avx2": "AVX2"}  # ONEDNN_MAX_CPU_ISA of a child; unset for the others
 LABELS = {"mindspore": "MindSpore graph (Python model)", "mindir": "MINDIR (GraphCell)",
           "mindir_avx2": "MINDIR (GraphCell), ISA AVX2",
@@ -112,7 +114,7 @@ def _worker(args) -> dict:
     ms.set_context(mode=ms.GRAPH_MODE, jit_config={"jit_level": "O1"})
     ms.device_context.cpu.op_tuning.threads_num(args.threads)  # MindSpore's default is 25
     xt = ms.Tensor(x)
-    if kind in ("mindir", "mindir_avx2"):
+    if kind in MINDIRS:
         graph = ms.nn.GraphCell(ms.load(os.path.join(args.work_dir, "model.mindir")))
         diff = np.abs(graph(xt).asnumpy() - np.load(ref_path)).max()
         return {"img_s": args.batch_size / median_time(lambda: graph(xt).asnumpy(), args.iters),
@@ -184,7 +186,7 @@ def main() -> None:
         figures = f"{value:>8.2f} {vs_eager} {vs_compile} {load}" if value else f"{'-':>8} {'-':>14} {'-':>16} {load}"
         print(f"{LABELS[kind]:<34} {figures}  {r.get('note', '')}".rstrip())
     graph = results["mindspore"].get("img_s")
-    for kind in ("mindir", "mindir_avx2"):
+    for kind in MINDIRS:
         mindir = results[kind].get("img_s")
         if graph and mindir:
             ratios[f"graph_vs_{kind}"] = graph / mindir

@@ -1,9 +1,10 @@
 """Training step as one compiled graph: dynamic loss scale, gradient clipping, AdamW and EMA.
 
 Step order (as the original MindSpore CoAtNet): forward + soft-target loss -> scaled backward ->
-all-reduce (data parallel) -> unscale -> overflow check -> clip by global norm -> AdamWeightDecay
--> EMA. On overflow the update (optimizer and EMA) is skipped and the loss scale shrinks by
-``scale_factor``; after ``scale_window`` good steps in a row it grows by ``scale_factor``.
+all-reduce (data parallel) -> global norm (of the scaled gradients, then unscaled) -> overflow check ->
+unscale and clip by global norm (one multiply) -> AdamWeightDecay -> EMA. On overflow the update
+(optimizer and EMA) is skipped and the loss scale shrinks by ``scale_factor``; after ``scale_window``
+good steps in a row it grows by ``scale_factor``.
 
 MindSpore's ``nn.TrainOneStepWithLossScaleCell`` cannot be used: on CPU its overflow check needs
 NPUGetFloatStatusV2 ("Unsupported op [NPUGetFloatStatusV2] on CPU"). The check here is that the

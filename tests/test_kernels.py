@@ -412,12 +412,14 @@ def test_bias_softmax_equals_stock_forward_and_gradients(mode):
     x[1, 2, 5, :] = 80.0 + rng.randn(49)  # exp would overflow without the maximum subtracted
     bias = rng.randn(1, 4, 49, 49).astype(np.float32)
     dy = ms.Tensor(rng.randn(3, 4, 49, 49).astype(np.float32))
-    results = [_output_and_input_grads(_BiasSoftmax(fused), (ms.Tensor(x), ms.Tensor(bias)), dy)
-               for fused in (True, False)]
+    try:
+        results = [_output_and_input_grads(_BiasSoftmax(fused), (ms.Tensor(x), ms.Tensor(bias)), dy)
+                   for fused in (True, False)]
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
     assert results[0][2].shape == (1, 4, 49, 49)
     for a, b in zip(results[0], results[1], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    ms.set_context(mode=ms.GRAPH_MODE)
 
 
 @pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
@@ -429,9 +431,11 @@ def test_avg_pool2x2_equals_stock_forward_and_gradient(mode, size):
     rng = np.random.RandomState(0)
     x = ms.Tensor(rng.randn(3, 70, *size).astype(np.float32))
     dy = ms.Tensor(rng.randn(3, 70, size[0] // 2, size[1] // 2).astype(np.float32))
-    results = [_output_and_input_grads(cell, (x,), dy)
-               for cell in (_kernel_or_stock(AvgPool2x2(), True), nn.AvgPool2d(2, 2), use_stock_ops(AvgPool2x2()))]
-    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        results = [_output_and_input_grads(cell, (x,), dy)
+                   for cell in (_kernel_or_stock(AvgPool2x2(), True), nn.AvgPool2d(2, 2), use_stock_ops(AvgPool2x2()))]
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
     for fused, stock in ((results[0], results[1]), (results[2], results[1])):
         for a, b in zip(fused, stock, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
