@@ -3,13 +3,23 @@
 //
 // MindSpore 2.10 runs these through oneDNN's grouped-convolution path: in a CoAtNet-0 train step
 // the forward and the two backward passes of the MBConv depthwise convolutions took ~0.7 s for
-// ~0.9 GMAC. Here every output row is one vectorised loop over nine "tap" rows: the three source rows
-// it reads, zero-padded (and for stride 2 split into even and odd columns), so that tap k of output
-// o is t_k[o] and the loop has no bounds tests or strided loads. The three kernels share this:
-//   forward          y[o]   = sum_k w[k] t_k[o],  taps from x;
-//   input gradient   dx[o]  = sum_k w'[k] t_k[o], w' the kernel turned by 180 degrees, taps from dy
-//                    (stride 2: dy with zeros inserted between its rows and columns);
-//   filter gradient  dw[k] += sum_o dy[o] t_k[o], taps from x as in the forward.
+// ~0.9 GMAC. Here blocks of eight output rows are copied into zero-padded scratch (it stays in L1)
+// laid out so that each of the nine taps is the scratch at a fixed offset: a block is then one long
+// vectorised loop (loops over single rows of 28 or 56 columns spent much of their time in vector
+// remainders: this layout made the depthwise passes of a CoAtNet-0 step ~1.3x faster). The flat loop
+// runs over rows of `width` columns of which the first out_width are kept; the extra columns read
+// padding or the next row and are dropped (forward) or multiplied by zeros (filter gradient).
+//   stride 1: padded rows of length W + 2; tap (kh, kw) at offset kh (W + 2) + kw.
+//   stride 2: the padded rows split by row and column parity into four phase planes
+//             P[r][c][a][b] = padded[2a + r][2b + c], row length OW + 1; tap (kh, kw) is phase
+//             (kh % 2, kw % 2) at offset (kh / 2) (OW + 1) + kw / 2. Each output costs nine
+//             multiply-adds, none spent on skipped positions.
+// The three kernels:
+//   forward          y = sum_k w[k] tap_k(x);
+//   filter gradient  dw[k] = sum over planes and positions of dy tap_k(x), taps as in the forward;
+//   input gradient   stride 1: the forward of dy with the kernel turned by 180 degrees;
+//                    stride 2: per phase of dx, the taps of matching parity (4, 2, 2 or 1) over dy
+//                    padded by one zero row and column, 9 multiply-adds per dy element in all.
 // Planes (or, for the filter gradient, channels) are split across cores.
 #include "parallel.h"
 
@@ -34,85 +44,93 @@ bool geometry(const int64_t *in, const int64_t *out, Geometry *g) {
          g->out_width == (g->width - 1) / g->stride + 1;
 }
 
-// How a source row becomes the three taps of one kernel row.
-enum class Source {
-  kRows,          // stride 1: the row padded by one zero each side; taps at offsets 0, 1, 2
-  kEvenOddRows,   // stride 2: padded row split into even / odd columns; taps even[o], odd[o], even[o + 1]
-  kZeroInserted,  // stride-2 input gradient: dy row with a zero after every element, padded; as kRows
-};
-
-// odd[m] = src[2m], even[m] = src[2m + 1], m < pairs (distinct buffers, so the loop vectorises).
-inline void split_columns(const float *__restrict src, float *__restrict even, float *__restrict odd, int64_t pairs) {
-#pragma omp simd
-  for (int64_t m = 0; m < pairs; ++m) {
-    odd[m] = src[2 * m];
-    even[m] = src[2 * m + 1];
-  }
+bool float32_4d(int nparam, int *ndims, const char **dtypes) {
+  if (!coatnet::all_float32(nparam, dtypes)) return false;
+  for (int i = 0; i < nparam; ++i)
+    if (ndims[i] != 4) return false;
+  return true;
 }
 
-// The nine tap rows of one output row, built in per-thread scratch.
-class Taps {
+// The nine taps of a block of up to kBlockRows output rows of a forward (or filter-gradient) pass, in
+// per-thread scratch small enough to stay in L1: tap k of flat output o = (i - i0) * width + j of the
+// block's rows i0 <= i < i1 (j < out_width kept) is taps()[k][o].
+class ForwardTaps {
  public:
-  Taps(Source source, int64_t src_height, int64_t src_width, int64_t span)
-      : source_(source), src_height_(src_height), src_width_(src_width), row_len_(span + 4),
-        scratch_(static_cast<size_t>(4 * row_len_), 0.0f) {}
+  static constexpr int64_t kBlockRows = 8;
 
-  // Taps for the source rows first_row, first_row + 1, first_row + 2 (out of range: zeros) of `plane`.
-  // With kZeroInserted, row r stands for plane row r / 2 when r is even and for zeros when it is odd.
-  void build(const float *plane, int64_t first_row, const float *taps[9]) {
-    const float *zeros = scratch_.data() + 3 * row_len_;
-    for (int kh = 0; kh < 3; ++kh) {
-      const int64_t r = first_row + kh;
-      float *p = scratch_.data() + kh * row_len_;
-      const float *src = nullptr;
-      if (source_ == Source::kZeroInserted) {
-        if (r >= 0 && r % 2 == 0 && r / 2 < src_height_) src = plane + (r / 2) * src_width_;
-      } else if (r >= 0 && r < src_height_) {
-        src = plane + r * src_width_;
-      }
-      if (src == nullptr) {
-        for (int kw = 0; kw < 3; ++kw) taps[3 * kh + kw] = zeros;
-        continue;
-      }
-      if (source_ == Source::kRows) {
-        p[0] = 0.0f;
-        std::memcpy(p + 1, src, sizeof(float) * src_width_);
-        p[src_width_ + 1] = 0.0f;
-        for (int kw = 0; kw < 3; ++kw) taps[3 * kh + kw] = p + kw;
-      } else if (source_ == Source::kZeroInserted) {
-        // p[1 + t] = dy[t / 2] for even t: the row is 2 * src_width_ (+ padding) long, zeros elsewhere.
-        p[0] = 0.0f;
-        for (int64_t m = 0; m < src_width_; ++m) {
-          p[1 + 2 * m] = src[m];
-          p[2 + 2 * m] = 0.0f;
-        }
-        p[1 + 2 * src_width_] = 0.0f;
-        for (int kw = 0; kw < 3; ++kw) taps[3 * kh + kw] = p + kw;
-      } else {
-        // padded column c + 1 = x[c]; even[m] = padded[2m], odd[m] = padded[2m + 1]
-        const int64_t half = src_width_ / 2 + 2, pairs = src_width_ / 2;
-        float *even = p, *odd = p + half;
-        split_columns(src, even + 1, odd, pairs);
-        even[0] = 0.0f;
-        if (src_width_ % 2) {
-          odd[pairs] = src[src_width_ - 1];
-          even[pairs + 1] = 0.0f;
-        }
-        taps[3 * kh] = even;
-        taps[3 * kh + 1] = odd;
-        taps[3 * kh + 2] = even + 1;
-      }
+  explicit ForwardTaps(const Geometry &g)
+      : g_(g),
+        width_(g.stride == 1 ? g.width + 2 : g.out_width + 1),
+        rows_(kBlockRows + (g.stride == 1 ? 2 : 1)),
+        phase_size_(rows_ * width_ + 2),
+        scratch_(static_cast<size_t>((g.stride == 1 ? 1 : 4) * phase_size_), 0.0f) {
+    for (int k = 0; k < 9; ++k) {
+      const int kh = k / 3, kw = k % 3;
+      tap_[k] = g.stride == 1 ? scratch_.data() + kh * width_ + kw
+                              : scratch_.data() + (2 * (kh % 2) + kw % 2) * phase_size_ + (kh / 2) * width_ + kw / 2;
+    }
+  }
+
+  int64_t width() const { return width_; }
+  const float *const *taps() const { return tap_; }
+
+  // Calls body(i0, i1) for each block of output rows [i0, i1), its taps filled from `plane` (H x W).
+  template <typename Body>
+  void for_blocks(const float *plane, Body body) {
+    for (int64_t i0 = 0; i0 < g_.out_height; i0 += kBlockRows) {
+      for (int64_t r = 0; r < rows_; ++r) fill_row(plane, i0, r);
+      body(i0, std::min(i0 + kBlockRows, g_.out_height));
     }
   }
 
  private:
-  Source source_;
-  int64_t src_height_, src_width_, row_len_;
-  std::vector<float> scratch_;  // three rows and a row of zeros
+  // Scratch row r of the block starting at output row i0. Stride 1: padded row i0 + r, padded[r][c] =
+  // x[r - 1][c - 1]. Stride 2: phase[p][r][b] = padded[2 (i0 + r) + p / 2][2b + p % 2].
+  void fill_row(const float *plane, int64_t i0, int64_t r) {
+    float *s = scratch_.data();
+    if (g_.stride == 1) {
+      float *row = s + r * width_;
+      const int64_t x_row = i0 + r - 1;
+      if (x_row < 0 || x_row >= g_.height) {
+        std::memset(row, 0, sizeof(float) * width_);
+      } else {
+        row[0] = 0.0f;
+        std::memcpy(row + 1, plane + x_row * g_.width, sizeof(float) * g_.width);
+        row[g_.width + 1] = 0.0f;
+      }
+      return;
+    }
+    const int64_t pairs = g_.width / 2;
+    for (int rp = 0; rp < 2; ++rp) {
+      float *__restrict even = s + (2 * rp) * phase_size_ + r * width_;     // cp = 0: x columns -1, 1, 3, ...
+      float *__restrict odd = s + (2 * rp + 1) * phase_size_ + r * width_;  // cp = 1: x columns 0, 2, 4, ...
+      const int64_t x_row = 2 * (i0 + r) + rp - 1;
+      if (x_row < 0 || x_row >= g_.height) {
+        std::memset(even, 0, sizeof(float) * width_);
+        std::memset(odd, 0, sizeof(float) * width_);
+        continue;
+      }
+      const float *__restrict src = plane + x_row * g_.width;
+#pragma omp simd
+      for (int64_t m = 0; m < pairs; ++m) {
+        odd[m] = src[2 * m];
+        even[m + 1] = src[2 * m + 1];
+      }
+      even[0] = 0.0f;
+      for (int64_t m = pairs + 1; m < width_; ++m) even[m] = 0.0f;
+      for (int64_t m = pairs; m < width_; ++m) odd[m] = 0.0f;
+      if (g_.width % 2) odd[pairs] = src[g_.width - 1];
+    }
+  }
+
+  Geometry g_;
+  int64_t width_, rows_, phase_size_;
+  std::vector<float> scratch_;
+  const float *tap_[9];
 };
 
 // y[o] = sum_k w[k] t_k[o], o < n
-inline void correlate_row(const float *const t[9], const float *w, float *__restrict y, int64_t n) {
+inline void correlate(const float *const t[9], const float *w, float *__restrict y, int64_t n) {
   const float *__restrict t0 = t[0], *__restrict t1 = t[1], *__restrict t2 = t[2];
   const float *__restrict t3 = t[3], *__restrict t4 = t[4], *__restrict t5 = t[5];
   const float *__restrict t6 = t[6], *__restrict t7 = t[7], *__restrict t8 = t[8];
@@ -123,8 +141,8 @@ inline void correlate_row(const float *const t[9], const float *w, float *__rest
            w7 * t7[o] + w8 * t8[o];
 }
 
-// acc[k] += sum_o g[o] t_k[o], o < n
-inline void accumulate_row(const float *const t[9], const float *__restrict g, double *acc, int64_t n) {
+// acc[k] += sum_o g[o] t_k[o], o < n (the callers sum a plane in float, planes in double)
+inline void accumulate(const float *const t[9], const float *__restrict g, float *acc, int64_t n) {
   const float *__restrict t0 = t[0], *__restrict t1 = t[1], *__restrict t2 = t[2];
   const float *__restrict t3 = t[3], *__restrict t4 = t[4], *__restrict t5 = t[5];
   const float *__restrict t6 = t[6], *__restrict t7 = t[7], *__restrict t8 = t[8];
@@ -146,13 +164,9 @@ inline void accumulate_row(const float *const t[9], const float *__restrict g, d
   for (int k = 0; k < 9; ++k) acc[k] += s[k];
 }
 
-Source forward_source(const Geometry &g) { return g.stride == 1 ? Source::kRows : Source::kEvenOddRows; }
-
-bool float32_4d(int nparam, int *ndims, const char **dtypes) {
-  if (!coatnet::all_float32(nparam, dtypes)) return false;
-  for (int i = 0; i < nparam; ++i)
-    if (ndims[i] != 4) return false;
-  return true;
+// Copies the kept columns of a flat result (rows of `width`) into a dense rows x cols plane.
+inline void keep_columns(const float *flat, int64_t width, float *plane, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) std::memcpy(plane + i * cols, flat + i * width, sizeof(float) * cols);
 }
 
 // Inputs: x (B, C, H, W), weight (C, 1, 3, 3). Output: y (B, C, OH, OW); the stride (1 or 2) follows
@@ -165,13 +179,14 @@ int forward(int nparam, void **params, int *ndims, int64_t **shapes, const char 
   auto *y = static_cast<float *>(params[2]);
   const int64_t in_area = g.height * g.width, out_area = g.out_height * g.out_width;
   parallel_for(g.batch * g.channels, 9 * out_area, [=](int64_t begin, int64_t end) {
-    Taps taps(forward_source(g), g.height, g.width, g.width);
-    const float *t[9];
+    ForwardTaps taps(g);
+    std::vector<float> flat(static_cast<size_t>(ForwardTaps::kBlockRows * taps.width()));
     for (int64_t p = begin; p < end; ++p) {
-      for (int64_t oh = 0; oh < g.out_height; ++oh) {
-        taps.build(x + p * in_area, g.stride * oh - 1, t);
-        correlate_row(t, w + 9 * (p % g.channels), y + p * out_area + oh * g.out_width, g.out_width);
-      }
+      const float *k = w + 9 * (p % g.channels);
+      taps.for_blocks(x + p * in_area, [&](int64_t i0, int64_t i1) {
+        correlate(taps.taps(), k, flat.data(), (i1 - i0) * taps.width());
+        keep_columns(flat.data(), taps.width(), y + p * out_area + i0 * g.out_width, i1 - i0, g.out_width);
+      });
     }
   });
   return 0;
@@ -196,16 +211,58 @@ COATNET_AOT_KERNEL(DwConv3x3BackwardInput) {
   const auto *w = static_cast<const float *>(params[1]);
   auto *dx = static_cast<float *>(params[3]);
   const int64_t in_area = g.height * g.width, out_area = g.out_height * g.out_width;
-  const Source source = g.stride == 1 ? Source::kRows : Source::kZeroInserted;
-  parallel_for(g.batch * g.channels, 9 * in_area, [=](int64_t begin, int64_t end) {
-    Taps taps(source, g.out_height, g.out_width, g.stride * g.out_width + 1);
-    const float *t[9];
+  if (g.stride == 1) {
+    parallel_for(g.batch * g.channels, 9 * in_area, [=](int64_t begin, int64_t end) {
+      ForwardTaps taps(g);
+      std::vector<float> flat(static_cast<size_t>(ForwardTaps::kBlockRows * taps.width()));
+      for (int64_t p = begin; p < end; ++p) {
+        const float *k = w + 9 * (p % g.channels);
+        const float turned[9] = {k[8], k[7], k[6], k[5], k[4], k[3], k[2], k[1], k[0]};
+        taps.for_blocks(dy + p * out_area, [&](int64_t i0, int64_t i1) {
+          correlate(taps.taps(), turned, flat.data(), (i1 - i0) * taps.width());
+          keep_columns(flat.data(), taps.width(), dx + p * in_area + i0 * g.width, i1 - i0, g.width);
+        });
+      }
+    });
+    return 0;
+  }
+  // Stride 2. padded_dy[i + 1][j + 1] = dy[i][j], rows of wd = OW + 2. dx at padded position
+  // (2a + rp, 2b + cp) takes the taps (kh, kw) with kh = rp or rp + 2, kw = cp or cp + 2, each from
+  // dy[a - kh / 2][b - kw / 2] = padded_dy[a + 1 - kh / 2][b + 1 - kw / 2].
+  const int64_t wd = g.out_width + 2, phase_rows = g.out_height + 1, n = phase_rows * wd;
+  parallel_for(g.batch * g.channels, 9 * out_area, [=](int64_t begin, int64_t end) {
+    std::vector<float> padded(static_cast<size_t>((g.out_height + 2) * wd + 1), 0.0f);
+    std::vector<float> phases(static_cast<size_t>(4 * n));
     for (int64_t p = begin; p < end; ++p) {
       const float *k = w + 9 * (p % g.channels);
-      const float turned[9] = {k[8], k[7], k[6], k[5], k[4], k[3], k[2], k[1], k[0]};
-      for (int64_t i = 0; i < g.height; ++i) {
-        taps.build(dy + p * out_area, i - 1, t);
-        correlate_row(t, turned, dx + p * in_area + i * g.width, g.width);
+      for (int64_t i = 0; i < g.out_height; ++i)
+        std::memcpy(padded.data() + (i + 1) * wd + 1, dy + p * out_area + i * g.out_width,
+                    sizeof(float) * g.out_width);
+      const float *__restrict d = padded.data();
+      float *__restrict p00 = phases.data(), *__restrict p01 = p00 + n, *__restrict p10 = p01 + n,
+                        *__restrict p11 = p10 + n;
+#pragma omp simd
+      for (int64_t o = 0; o < n; ++o) {
+        const float c = d[o + wd + 1], l = d[o + wd], u = d[o + 1], ul = d[o];
+        p00[o] = k[0] * c + k[2] * l + k[6] * u + k[8] * ul;
+        p01[o] = k[1] * c + k[7] * u;
+        p10[o] = k[3] * c + k[5] * l;
+        p11[o] = k[4] * c;
+      }
+      // dx[r][c]: padded position (r + 1, c + 1); even c reads phase column c / 2 of cp = 1, odd c
+      // column (c + 1) / 2 of cp = 0.
+      for (int64_t r = 0; r < g.height; ++r) {
+        const int64_t a = (r + 1) / 2;
+        const float *__restrict even_cols = ((r + 1) % 2 ? p11 : p01) + a * wd;
+        const float *__restrict odd_cols = ((r + 1) % 2 ? p10 : p00) + a * wd + 1;
+        float *__restrict out = dx + p * in_area + r * g.width;
+        const int64_t pairs = g.width / 2;
+#pragma omp simd
+        for (int64_t m = 0; m < pairs; ++m) {
+          out[2 * m] = even_cols[m];
+          out[2 * m + 1] = odd_cols[m];
+        }
+        if (g.width % 2) out[g.width - 1] = even_cols[pairs];
       }
     }
   });
@@ -221,16 +278,21 @@ COATNET_AOT_KERNEL(DwConv3x3BackwardFilter) {
   auto *dw = static_cast<float *>(params[2]);
   const int64_t in_area = g.height * g.width, out_area = g.out_height * g.out_width;
   parallel_for(g.channels, 9 * g.batch * out_area, [=](int64_t begin, int64_t end) {
-    Taps taps(forward_source(g), g.height, g.width, g.width);
-    const float *t[9];
+    ForwardTaps taps(g);
+    // dy in rows of taps.width(): the extra columns stay zero, so their taps add nothing
+    std::vector<float> flat_dy(static_cast<size_t>(ForwardTaps::kBlockRows * taps.width()), 0.0f);
     for (int64_t c = begin; c < end; ++c) {
       double acc[9] = {0};
       for (int64_t b = 0; b < g.batch; ++b) {
         const int64_t p = b * g.channels + c;
-        for (int64_t oh = 0; oh < g.out_height; ++oh) {
-          taps.build(x + p * in_area, g.stride * oh - 1, t);
-          accumulate_row(t, dy + p * out_area + oh * g.out_width, acc, g.out_width);
-        }
+        float sums[9] = {0};
+        taps.for_blocks(x + p * in_area, [&](int64_t i0, int64_t i1) {
+          for (int64_t i = i0; i < i1; ++i)
+            std::memcpy(flat_dy.data() + (i - i0) * taps.width(), dy + p * out_area + i * g.out_width,
+                        sizeof(float) * g.out_width);
+          accumulate(taps.taps(), flat_dy.data(), sums, (i1 - i0) * taps.width());
+        });
+        for (int i = 0; i < 9; ++i) acc[i] += sums[i];
       }
       for (int i = 0; i < 9; ++i) dw[9 * c + i] = static_cast<float>(acc[i]);
     }
