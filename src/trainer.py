@@ -20,7 +20,7 @@ import numpy as np
 from mindspore import nn, ops
 
 from src.callbacks import CheckpointManager, MetricsWriter, StepLogger
-from src.cell_wrapper import TrainStep, drop_path_noise
+from src.cell_wrapper import TrainStep, adam_weight_decay, drop_path_noise
 from src.checkpoint import CheckpointError, load_checkpoint, read_metadata, weights_fingerprint
 from src.coatnet import CoAtNet, create_model
 from src.dataset import eval_preprocess
@@ -75,9 +75,8 @@ def build_train_step(config, net: nn.Cell, names: dict[int, str], steps_per_epoc
     finetune.py and bench/bench_train.py build their steps here, so the benchmark measures what trains."""
     lr = lr_schedule(config.lr_max, config.lr_min, config.lr_warmup_epochs, config.num_epochs, steps_per_epoch)
     trainable = net.trainable_params()
-    optimizer = nn.AdamWeightDecay(param_groups(trainable, config.weight_decay, names),
-                                   learning_rate=ms.Tensor(lr), beta1=config.beta1, beta2=config.beta2,
-                                   eps=config.epsilon)
+    optimizer = adam_weight_decay(param_groups(trainable, config.weight_decay, names), ms.Tensor(lr),
+                                  config.beta1, config.beta2, config.epsilon)
     all_params = list(net.get_parameters())
     ema = create_ema(all_params, names) if config.enable_ema else None
     reducer = None
