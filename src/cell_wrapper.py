@@ -94,8 +94,10 @@ def _sum_of_squares(grad, as_matmul: bool):
     return ops.square(g).sum()
 
 
-def _ema_update(decay, ema, param):
-    return ops.assign(ema, ema * decay + param.astype(ema.dtype) * (1.0 - decay))
+def _ema_update(step, weight, ema, param):
+    # ema - (1 - decay) (ema - param), in place: two passes over the tensors fewer than assigning
+    # decay * ema + (1 - decay) * param, and closer to it in float64 (CoAtNet-0 on CPU: 41 -> 25-33 ms)
+    return step(ema, weight, ema - param.astype(ema.dtype))
 
 
 _adamw_update = ops.MultitypeFuncGraph("adamw_update")
@@ -190,6 +192,8 @@ class TrainStep(nn.Cell):
         self.ema_params = ms.ParameterTuple(ema_params) if self.use_ema else None
         self.model_params = ms.ParameterTuple(model_params) if self.use_ema else None
         self.ema_decay = float(ema_decay)
+        self.ema_step = ops.operations.ApplyGradientDescent()
+        self.ema_weight = Tensor(1.0 - self.ema_decay, ms.float32)
         self.reducer = reducer
         self.norm_as_matmul = ms.get_context("device_target") == "CPU"
 
@@ -210,7 +214,7 @@ class TrainStep(nn.Cell):
         if finite:
             loss = ops.depend(loss, self.optimizer(grads))
             if self.use_ema:
-                loss = ops.depend(loss, _hyper_map(ops.partial(_ema_update, self.ema_decay),
+                loss = ops.depend(loss, _hyper_map(ops.partial(_ema_update, self.ema_step, self.ema_weight),
                                                    self.ema_params, self.model_params))
         loss = ops.depend(loss, self._update_scale(finite))
         return loss, finite, scale, grad_norm
