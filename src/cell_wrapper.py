@@ -13,10 +13,11 @@ NaN. It is taken over the scaled gradients, so it also flags finite scaled gradi
 overflows float32 (> 1.8e19 before the sum of squares overflows; at the initial scale 2^24 an unscaled
 norm above ~1e12), which no useful step has and which dynamic loss scaling exists to catch. Unlike
 ``ms.amp.all_finite`` (an IsFinite + ReduceAll per tensor, ~3 % of a CoAtNet-0 CPU step) it costs one
-scalar op, on every device. On CPU each gradient's sum of squares is a 1 x n by
-n x 1 MatMul: MindSpore's CPU ReduceSum over all axes of a weight tensor ran at a quarter of that
-speed (~0.1 s of a CoAtNet-0 step). Elsewhere it stays a square-and-sum (an fp32 MatMul may run in
-fp16 on Ascend, where squared gradients can overflow).
+scalar op, on every device. On CPU the sum of the squares of all gradients is one fused kernel
+(``src.kernels.sum_of_squares``; ~30 ms of a CoAtNet-0 step as one MatMul per gradient); without a compiler
+each gradient's is a 1 x n by n x 1 MatMul: MindSpore's CPU ReduceSum over all axes of a weight tensor ran
+at a quarter of that speed (~0.1 s of a CoAtNet-0 step). Elsewhere it stays a square-and-sum (an fp32
+MatMul may run in fp16 on Ascend, where squared gradients can overflow).
 
 Float16 training (``src/precision.py``) leaves the parameters, so their gradients, in float32; a float16
 gradient would be squared and summed in float32 all the same. The first steps of a float16 run overflow
@@ -31,6 +32,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
+from src import kernels
 from src.train_state import state_name
 
 __all__ = ["AdamWeightDecay", "SoftTargetCrossEntropy", "TrainStep", "adam_weight_decay", "drop_path_noise"]
@@ -196,6 +198,10 @@ class TrainStep(nn.Cell):
         self.ema_weight = Tensor(1.0 - self.ema_decay, ms.float32)
         self.reducer = reducer
         self.norm_as_matmul = ms.get_context("device_target") == "CPU"
+        # CPU: one fused kernel over all gradients (float32, as the parameters are at every precision level)
+        self.sum_of_squares = None
+        if self.norm_as_matmul and all(w.dtype == ms.float32 for w in self.weights):
+            self.sum_of_squares = kernels.sum_of_squares()
 
     def construct(self, images, target, drop_path_noise=None):
         scale = self.loss_scale.value()  # read now: the Parameter itself would return its updated value
@@ -204,7 +210,11 @@ class TrainStep(nn.Cell):
             grads = self.reducer(grads)
         # The norm of the scaled gradients, then unscaled: one pass over the gradients fewer than unscaling
         # them first, and the same bits for a power-of-two scale (scaling by one is exact).
-        grad_norm = ops.sqrt(ops.stack([_sum_of_squares(g, self.norm_as_matmul) for g in grads]).sum()) / scale
+        if self.sum_of_squares is not None:
+            sum_sq = self.sum_of_squares(*grads).reshape(())
+        else:
+            sum_sq = ops.stack([_sum_of_squares(g, self.norm_as_matmul) for g in grads]).sum()
+        grad_norm = ops.sqrt(sum_sq) / scale
         finite = ops.isfinite(grad_norm)
         factor = 1.0 / scale
         if self.clip:

@@ -369,6 +369,27 @@ def test_im2col_paddings_not_built_are_refused():
         kernels.im2col3x3(3, 1, 1)
 
 
+class _SumOfSquares(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.op = kernels.sum_of_squares()
+
+    def construct(self, a, b, c):
+        return self.op(a, b, c)
+
+
+def test_sum_of_squares_of_many_tensors_equals_numpy():
+    """Tensors of one element, of a few and of more than one 65,536-element chunk."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    rng = np.random.RandomState(0)
+    arrays = [rng.randn(1).astype(np.float32), rng.randn(3, 5).astype(np.float32),
+              rng.randn(7, 11, 1000).astype(np.float32)]
+    got = _SumOfSquares()(*(ms.Tensor(a) for a in arrays)).asnumpy()
+    expected = sum(float((a.astype(np.float64) ** 2).sum()) for a in arrays)
+    assert got.shape == (1,)
+    np.testing.assert_allclose(got[0], expected, rtol=1e-6)
+
+
 def test_depthwise_stride_other_than_1_or_2_is_refused():
     with pytest.raises(ValueError, match="stride must be 1 or 2, got 3"):
         kernels.depthwise_conv3x3(3)

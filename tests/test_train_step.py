@@ -99,11 +99,31 @@ def test_loss_scale_grows_after_the_window():
     assert int(step2.good_steps.asnumpy()) == 0
 
 
-@pytest.mark.parametrize("norm_as_matmul", [True, False])  # the CPU and the other devices' formulation
-def test_clip_norm_bounds_the_applied_gradient(norm_as_matmul):
+_NORMS = ["kernel", "matmul", "square_sum"]  # the CPU's fused kernel, its fallback, the other devices' formulation
+
+
+def _use_norm(step, how):
+    assert step.sum_of_squares is not None  # CPU with a compiler: the kernel is the default
+    if how != "kernel":
+        step.sum_of_squares = None
+        step.norm_as_matmul = how == "matmul"
+
+
+def test_the_three_gradient_norm_formulations_agree():
+    norms = []
+    for how in _NORMS:
+        _, step, _, _ = _setup(optimizer="sgd")
+        _use_norm(step, how)
+        norms.append(float(step(*_batch(0))[3].asnumpy()))
+    assert norms[0] > 0
+    np.testing.assert_allclose(norms, norms[0], rtol=2e-6)
+
+
+@pytest.mark.parametrize("how", _NORMS)
+def test_clip_norm_bounds_the_applied_gradient(how):
     clip = 0.01
     net, step, _, params = _setup(clip=clip, optimizer="sgd", lr=1.0)
-    step.norm_as_matmul = norm_as_matmul
+    _use_norm(step, how)
     trainable = [p for p in params if p.requires_grad]
     before = _values(trainable)
     _, finite, _, grad_norm = step(*_batch(0))

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["avg_pool2x2", "batchnorm_inference", "batchnorm_train", "bias_softmax", "channel_gate", "channel_gate_grad",
            "depthwise_conv3x3", "gelu", "im2col3x3", "kernels_enabled", "layernorm2d", "softmax_grad",
-           "use_fused_kernels", "use_stock_ops"]
+           "sum_of_squares", "use_fused_kernels", "use_stock_ops"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _FLAGS = ["-std=c++17", "-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-pthread"]
@@ -228,6 +228,22 @@ def depthwise_conv3x3(stride: int = 1) -> ops.Custom | None:
     if stride not in (1, 2):
         raise ValueError(f"depthwise_conv3x3: stride must be 1 or 2, got {stride}")
     return _op(("dwconv.cc",), _depthwise_op, stride)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sum of squares of many tensors (the train step's global gradient norm)
+# --------------------------------------------------------------------------------------------------
+@functools.cache
+def _sum_of_squares_op(lib: str):
+    import mindspore as ms
+
+    return _custom(lib, "SumOfSquares", lambda *shapes: [1], lambda *dtypes: ms.float32)
+
+
+def sum_of_squares() -> ops.Custom | None:
+    """``op(*tensors)``: the sum of the squares of every element of the float32 ``tensors``, shape (1,), no
+    gradient; or None (see the module docstring)."""
+    return _op(("reduce.cc",), _sum_of_squares_op)
 
 
 # --------------------------------------------------------------------------------------------------
