@@ -24,6 +24,7 @@ from src.coatnet import (
     Conv3x3,
     DepthwiseConv2d,
     LayerNorm2d,
+    MBConvBlock,
     Softmax,
     StridedConv1x1,
     create_model,
@@ -158,6 +159,10 @@ def test_model_uses_fused_kernels_and_stock_ops_give_the_same_gradients():
     ms.load_param_into_net(stock_net, {p.name: p for p in fused_net.get_parameters()}, strict_load=True)
     assert use_stock_ops(stock_net) is stock_net
     assert all(c.fused is None for _, c in stock_net.cells_and_names() if isinstance(c, FUSED_CELLS))
+    blocks = [[c for _, c in net.cells_and_names() if isinstance(c, MBConvBlock)] for net in (fused_net, stock_net)]
+    assert blocks[0] and all(b.norm1_dw is not None for b in blocks[0]) and all(b.norm1_dw is None for b in blocks[1])
+    for block in blocks[0]:
+        block.norm_dw_min_area = 1  # BatchNorm + GELU + depthwise as one kernel at these small sizes too
 
     x = ms.Tensor(np.random.RandomState(0).randn(4, 3, 32, 32).astype(np.float32))
     outs = []
@@ -388,6 +393,51 @@ def test_sum_of_squares_of_many_tensors_equals_numpy():
     expected = sum(float((a.astype(np.float64) ** 2).sum()) for a in arrays)
     assert got.shape == (1,)
     np.testing.assert_allclose(got[0], expected, rtol=1e-6)
+
+
+class _NormGeluDw(nn.Cell):
+    """BatchNorm (batch statistics) + GELU + depthwise 3x3: one fused kernel, or the two kernels apart."""
+
+    def __init__(self, act, stride, fused):
+        super().__init__()
+        self.one = kernels.batchnorm_depthwise(act, stride) if fused else None
+        self.norm, self.dw = kernels.batchnorm_train(act), kernels.depthwise_conv3x3(stride)
+        self.eps = ms.Tensor(np.array([1e-5], np.float32))
+
+    def construct(self, x, gamma, beta, w):
+        if self.one is not None:
+            return self.one(x, gamma, beta, self.eps, w)
+        y, mean, var = self.norm(x, gamma, beta, self.eps)
+        return self.dw(y, w), mean, var
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 3, 7, 5), (3, 2, 1, 1), (2, 24, 18, 19)])
+def test_fused_batchnorm_gelu_depthwise_equals_the_two_kernels(shape, stride, act):
+    """Output, batch statistics and the gradients of x, gamma, beta and the depthwise weight."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    rng = np.random.RandomState(1)
+    c = shape[1]
+    inputs = (ms.Tensor(rng.randn(*shape).astype(np.float32) * 2 + 0.5),
+              ms.Tensor((rng.rand(c) + 0.5).astype(np.float32)), ms.Tensor(rng.randn(c).astype(np.float32)),
+              ms.Tensor(rng.randn(c, 1, 3, 3).astype(np.float32)))
+    out_shape = (*shape[:2], (shape[2] - 1) // stride + 1, (shape[3] - 1) // stride + 1)
+    dy = (ms.Tensor(rng.randn(*out_shape).astype(np.float32)), ms.Tensor(np.zeros(c, np.float32)),
+          ms.Tensor(np.zeros(c, np.float32)))
+    results = []
+    for fused in (True, False):
+        outs, vjp_fn = ms.vjp(_NormGeluDw(act, stride, fused), *inputs)
+        results.append([o.asnumpy() for o in outs] + [g.asnumpy() for g in vjp_fn(dy)])
+    assert results[0][0].shape == out_shape
+    _assert_all_close(results[0], results[1])
+
+
+def test_fused_batchnorm_gelu_depthwise_refuses_what_it_does_not_cover():
+    with pytest.raises(ValueError, match="act must be 'gelu' or 'gelu_tanh', got None"):
+        kernels.batchnorm_depthwise(None, 1)
+    with pytest.raises(ValueError, match="stride must be 1 or 2, got 3"):
+        kernels.batchnorm_depthwise("gelu", 3)
 
 
 def test_depthwise_stride_other_than_1_or_2_is_refused():

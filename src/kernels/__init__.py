@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from mindspore import nn, ops
 
-__all__ = ["avg_pool2x2", "batchnorm_inference", "batchnorm_train", "bias_softmax", "channel_gate", "channel_gate_grad",
-           "depthwise_conv3x3", "gelu", "im2col3x3", "kernels_enabled", "layernorm2d", "softmax_grad",
-           "sum_of_squares", "use_fused_kernels", "use_stock_ops"]
+__all__ = ["avg_pool2x2", "batchnorm_depthwise", "batchnorm_inference", "batchnorm_train", "bias_softmax",
+           "channel_gate", "channel_gate_grad", "depthwise_conv3x3", "gelu", "im2col3x3", "kernels_enabled",
+           "layernorm2d", "softmax_grad", "sum_of_squares", "use_fused_kernels", "use_stock_ops"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _FLAGS = ["-std=c++17", "-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-pthread"]
@@ -390,6 +390,35 @@ def batchnorm_train(act: str | None = None) -> ops.Custom | None:
     "gelu_tanh": its tanh form); or None."""
     _check_act(act)
     return _op(("batchnorm.cc",), _batchnorm_train_op, act)
+
+
+@functools.cache
+def _batchnorm_depthwise_op(lib: str, act: str, stride: int):
+    from mindspore import ops
+
+    kind = f"{_BATCHNORM_KERNELS[act]}DwConv3x3"
+    backward = _custom(lib, f"{kind}TrainBackward", lambda dy, x, g, b, m, v, e, w: (x, g, g, w),
+                       lambda dy, x, g, b, m, v, e, w: (x, g, g, w))
+
+    def bprop(x, gamma, beta, eps, weight, out, dout):
+        dx, dgamma, dbeta, dweight = backward(dout[0], x, gamma, beta, out[1], out[2], eps, weight)
+        return dx, dgamma, dbeta, ops.zeros_like(eps), dweight
+
+    def out_shape(x, g, b, e, w):
+        return [x[0], x[1], (x[2] - 1) // stride + 1, (x[3] - 1) // stride + 1], g, g
+
+    return _custom(lib, f"{kind}Stride{stride}TrainForward", out_shape, lambda x, g, b, e, w: (x, g, g), bprop)
+
+
+def batchnorm_depthwise(act: str, stride: int) -> ops.Custom | None:
+    """``op(x, gamma, beta, eps, weight) -> (y, batch_mean, batch_var)``: ``batchnorm_train(act)`` followed by
+    ``depthwise_conv3x3(stride)`` in one kernel that never writes the activation between them (``act``
+    "gelu" or "gelu_tanh"); or None."""
+    if act not in _BATCHNORM_GELU:
+        raise ValueError(f"batchnorm_depthwise: act must be 'gelu' or 'gelu_tanh', got {act!r}")
+    if stride not in (1, 2):
+        raise ValueError(f"batchnorm_depthwise: stride must be 1 or 2, got {stride}")
+    return _op(("dwconv.cc",), _batchnorm_depthwise_op, act, stride)
 
 
 @functools.cache
