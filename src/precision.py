@@ -35,9 +35,9 @@ MindSpore 2.10 workarounds, listed here once:
   float16 and every gradient is NaN at any loss scale. Test that fails once that changes:
   ``tests/test_precision.py::test_mindspore_pynative_to_float_still_overrides_casts_inside_a_cell``.
 - ``O1``: the rewrite mishandles subclasses of ``nn.Conv2d`` (``DepthwiseConv2d``, ``Conv3x3``,
-  ``StridedConv1x1``): it emits classes built on a ``Conv2dOpt`` that it declares with the wrong
-  signature or not at all ("TypeError: Conv2dOpt.__init__() takes 1 positional argument but 2 were
-  given", before these cells "NameError: name 'Conv2dOpt' is not defined"),
+  ``StridedConv1x1``, ``Conv1x1``): it emits classes built on a ``Conv2dOpt`` (or a ``ConvMlpOpt`` holding
+  them) that it declares with the wrong signature or not at all ("TypeError: ConvMlpOpt.__init__() takes 1
+  positional argument but 2 were given", before these cells "NameError: name 'Conv2dOpt' is not defined"),
   after writing a ``rewritten_network/`` folder into the working directory. Test that fails once
   MindSpore fixes it: ``tests/test_precision.py::test_mindspore_o1_rewrite_still_fails_on_this_network``.
 """

@@ -21,6 +21,7 @@ from src.coatnet import (
     AvgPool2x2,
     BatchNormAct2d,
     ChannelGate,
+    Conv1x1,
     Conv3x3,
     DepthwiseConv2d,
     LayerNorm2d,
@@ -34,7 +35,7 @@ from src.kernels import use_fused_kernels, use_stock_ops
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FUSED_CELLS = (GELU, DepthwiseConv2d, Conv3x3, StridedConv1x1, ChannelGate, Softmax, BatchNormAct2d, LayerNorm2d,
-               Attention2d, AvgPool2x2)
+               Attention2d, AvgPool2x2, Conv1x1)
 # the fused cells of the original network (coatnet_tiny): it pools with max; AvgPool2x2 is in timm's structures
 # (tests/test_model.py's parity tests run those with the fused kernels)
 ORIGINAL_FUSED = set(FUSED_CELLS) - {AvgPool2x2}
@@ -218,9 +219,9 @@ def test_building_a_model_compiles_nothing_until_use_fused_kernels(monkeypatch, 
     assert use_fused_kernels(net) is net
     assert all(c.fused is not None for c in fusable)
     assert sorted(name.split("-")[0] for name in os.listdir(cache)) == ["batchnorm", "dwconv", "gelu", "im2col",
-                                                                          "layernorm", "rows"]
+                                                                          "layernorm", "reduce", "rows"]
     with open(log, encoding="utf-8") as f:
-        assert sum("-shared" in line for line in f) == 6  # each library compiled once, here
+        assert sum("-shared" in line for line in f) == 7  # each library compiled once, here
 
 
 def test_the_trainers_model_has_the_fused_kernels():
@@ -438,6 +439,33 @@ def test_fused_batchnorm_gelu_depthwise_refuses_what_it_does_not_cover():
         kernels.batchnorm_depthwise(None, 1)
     with pytest.raises(ValueError, match="stride must be 1 or 2, got 3"):
         kernels.batchnorm_depthwise("gelu", 3)
+
+
+@pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3), (3, 4, 1, 1)])
+def test_conv1x1_bias_gradient_kernel_equals_stock(mode, shape):
+    """Output and the gradients of the input, the weight and the bias, fused against MindSpore's ops."""
+    ms.set_context(mode=mode)
+    try:
+        rng = np.random.RandomState(0)
+        x = ms.Tensor(rng.randn(*shape).astype(np.float32))
+        dy = ms.Tensor(rng.randn(shape[0], 6, *shape[2:]).astype(np.float32))
+        weight, bias = rng.randn(6, shape[1], 1, 1).astype(np.float32), rng.randn(6).astype(np.float32)
+        results = []
+        for on in (True, False):
+            conv = Conv1x1(shape[1], 6)
+            conv.weight.set_data(ms.Tensor(weight))
+            conv.bias.set_data(ms.Tensor(bias))
+            conv.set_fused(on)
+            assert (conv.fused is not None) == on
+            y, vjp_fn = ms.vjp(conv, x, weights=[conv.weight, conv.bias])
+            dx, (dw, db) = vjp_fn(dy)
+            dx = dx[0] if isinstance(dx, tuple) else dx
+            results.append([y.asnumpy(), dx.asnumpy(), dw.asnumpy(), db.asnumpy()])
+        _assert_all_close(results[0], results[1])
+        np.testing.assert_allclose(results[0][3], dy.asnumpy().sum(axis=(0, 2, 3)), rtol=1e-5, atol=1e-5)
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
 
 
 def test_depthwise_stride_other_than_1_or_2_is_refused():

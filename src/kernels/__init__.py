@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from mindspore import nn, ops
 
 __all__ = ["avg_pool2x2", "batchnorm_depthwise", "batchnorm_inference", "batchnorm_train", "bias_softmax",
-           "channel_gate", "channel_gate_grad", "depthwise_conv3x3", "gelu", "im2col3x3", "kernels_enabled",
-           "layernorm2d", "softmax_grad", "sum_of_squares", "use_fused_kernels", "use_stock_ops"]
+           "channel_gate", "channel_gate_grad", "channel_sum", "depthwise_conv3x3", "gelu", "im2col3x3",
+           "kernels_enabled", "layernorm2d", "softmax_grad", "sum_of_squares", "use_fused_kernels", "use_stock_ops"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _FLAGS = ["-std=c++17", "-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-pthread"]
@@ -244,6 +244,17 @@ def sum_of_squares() -> ops.Custom | None:
     """``op(*tensors)``: the sum of the squares of every element of the float32 ``tensors``, shape (1,), no
     gradient; or None (see the module docstring)."""
     return _op(("reduce.cc",), _sum_of_squares_op)
+
+
+@functools.cache
+def _channel_sum_op(lib: str):
+    return _custom(lib, "ChannelSum", lambda x: [x[1]], lambda x: x)
+
+
+def channel_sum() -> ops.Custom | None:
+    """``op(x)``: the sum of an NCHW float32 tensor over N, H and W, shape (C,) (a per-channel bias's
+    gradient), no gradient of its own; or None."""
+    return _op(("reduce.cc",), _channel_sum_op)
 
 
 # --------------------------------------------------------------------------------------------------
