@@ -11,6 +11,7 @@
 // Inference: one pass, y = act(x * scale + shift) with per-channel scale and shift from the caller.
 #include <cmath>
 
+#include "batchnorm.h"
 #include "gelu.h"
 #include "parallel.h"
 
@@ -49,23 +50,9 @@ int train_forward(int nparam, void **params, int *ndims, int64_t **shapes, const
   auto *mean_out = static_cast<float *>(params[5]);
   auto *var_out = static_cast<float *>(params[6]);
   const Nchw l = nchw(shapes[0]);
-  const double count = static_cast<double>(l.batch * l.area);
   parallel_for(l.channels, 2 * l.batch * l.area, [=](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      double sum = 0.0, sum_sq = 0.0;
-      for (int64_t b = 0; b < l.batch; ++b) {
-        const float *__restrict xp = x + (b * l.channels + c) * l.area;
-        float s = 0.0f, q = 0.0f;  // per plane in float (vectorised), across planes in double
-#pragma omp simd reduction(+ : s, q)
-        for (int64_t i = 0; i < l.area; ++i) {
-          s += xp[i];
-          q += xp[i] * xp[i];
-        }
-        sum += s;
-        sum_sq += q;
-      }
-      const double mean = sum / count;
-      const double var = std::max(0.0, sum_sq / count - mean * mean);
+      const auto [mean, var] = coatnet::channel_moments(x, l, c);
       mean_out[c] = static_cast<float>(mean);
       var_out[c] = static_cast<float>(var);
       const float scale = static_cast<float>(gamma[c] / std::sqrt(var + eps));
@@ -129,14 +116,7 @@ int train_backward(int nparam, void **params, int *ndims, int64_t **shapes, cons
       // dx = gamma rstd (g - mean(g) - xhat mean(g xhat)), xhat = (x - m) rstd
       const float mean_g = static_cast<float>(sum_g / count);
       const float k = static_cast<float>(sum_g_xc * rstd * rstd / count);
-      for (int64_t b = 0; b < l.batch; ++b) {
-        const int64_t plane = (b * l.channels + c) * l.area;
-        // With GELU, gp is the same buffer as out: each element is read before it is written.
-        const float *gp = (kAct != Act::kNone ? dx : dy) + plane;
-        const float *__restrict xp = x + plane;
-        float *out = dx + plane;
-        for (int64_t i = 0; i < l.area; ++i) out[i] = a * (gp[i] - mean_g - (xp[i] - m) * k);
-      }
+      coatnet::normalised_input_gradient(kAct != Act::kNone ? dx : dy, x, dx, l, c, a, m, mean_g, k);
     }
   });
   return 0;

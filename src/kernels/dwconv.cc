@@ -23,6 +23,7 @@
 // Planes (or, for the filter gradient, channels) are split across cores.
 #include <cmath>
 
+#include "batchnorm.h"
 #include "gelu.h"
 #include "parallel.h"
 
@@ -386,24 +387,11 @@ int norm_gelu_dw_forward(int nparam, void **params, int *ndims, int64_t **shapes
   auto *mean_out = static_cast<float *>(params[6]);
   auto *var_out = static_cast<float *>(params[7]);
   const int64_t in_area = g.height * g.width, out_area = g.out_height * g.out_width;
-  const double count = static_cast<double>(g.batch * in_area);
+  const coatnet::Nchw l{g.batch, g.channels, in_area};
   parallel_for(g.channels, 2 * g.batch * in_area + 9 * g.batch * out_area, [=](int64_t begin, int64_t end) {
     PlaneForward plane(g);
     for (int64_t c = begin; c < end; ++c) {
-      double sum = 0.0, sum_sq = 0.0;
-      for (int64_t b = 0; b < g.batch; ++b) {
-        const float *__restrict xp = x + (b * g.channels + c) * in_area;
-        float s = 0.0f, q = 0.0f;
-#pragma omp simd reduction(+ : s, q)
-        for (int64_t i = 0; i < in_area; ++i) {
-          s += xp[i];
-          q += xp[i] * xp[i];
-        }
-        sum += s;
-        sum_sq += q;
-      }
-      const double mean = sum / count;
-      const double var = std::max(0.0, sum_sq / count - mean * mean);
+      const auto [mean, var] = coatnet::channel_moments(x, l, c);
       mean_out[c] = static_cast<float>(mean);
       var_out[c] = static_cast<float>(var);
       const float scale = static_cast<float>(gamma[c] / std::sqrt(var + eps));
@@ -438,6 +426,7 @@ int norm_gelu_dw_backward(int nparam, void **params, int *ndims, int64_t **shape
   auto *dbeta = static_cast<float *>(params[10]);
   auto *dw = static_cast<float *>(params[11]);
   const int64_t in_area = g.height * g.width, out_area = g.out_height * g.out_width;
+  const coatnet::Nchw l{g.batch, g.channels, in_area};
   const double count = static_cast<double>(g.batch * in_area);
   parallel_for(g.channels, 4 * g.batch * in_area + 18 * g.batch * out_area, [=](int64_t begin, int64_t end) {
     PlaneFilterGradient filter_gradient(g);
@@ -476,12 +465,7 @@ int norm_gelu_dw_backward(int nparam, void **params, int *ndims, int64_t **shape
       dgamma[c] = static_cast<float>(sum_g_xc * rstd);
       const float mean_g = static_cast<float>(sum_g / count);
       const float k = static_cast<float>(sum_g_xc * rstd * rstd / count);
-      for (int64_t b = 0; b < g.batch; ++b) {
-        const int64_t p = b * g.channels + c;
-        const float *__restrict xp = x + p * in_area;
-        float *out = dx + p * in_area;  // holds the gradient at z, read before written
-        for (int64_t i = 0; i < in_area; ++i) out[i] = a * (out[i] - mean_g - (xp[i] - m) * k);
-      }
+      coatnet::normalised_input_gradient(dx, x, dx, l, c, a, m, mean_g, k);  // dx holds the gradient at z
     }
   });
   return 0;
